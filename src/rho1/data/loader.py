@@ -1,0 +1,81 @@
+"""Batches of windows from a TokenStore, with shifted labels and aligned reference losses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rho1.data.store import ScoreStore, TokenStore
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T]
+    labels: torch.Tensor  # [B, T], labels[b, t] = input_ids[b, t + 1]; IGNORE_INDEX past the window
+    ref_loss: torch.Tensor | None  # [B, T], reference loss of labels[b, t]; NaN where unknown
+    target: torch.Tensor | None  # [B, T] bool, labels that count for target-domain metrics
+    positions: torch.Tensor  # [B, T] int64, stream position of labels[b, t] (-1 where ignored)
+
+    def to(self, device) -> "Batch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
+
+
+def make_batch(store: TokenStore, windows, seq_len: int, scores: ScoreStore | None = None,
+               pad_id: int | None = None) -> Batch:
+    """The windows (indices into the store's seq_len windows) as one right-padded batch."""
+    pad_id = store.manifest["eos_token_id"] if pad_id is None else pad_id
+    n = len(windows)
+    input_ids = np.full((n, seq_len), pad_id, dtype=np.int64)
+    positions = np.full((n, seq_len), -1, dtype=np.int64)
+    for row, w in enumerate(windows):
+        start = int(w) * seq_len
+        end = min(start + seq_len, store.n_tokens)
+        input_ids[row, : end - start] = store.tokens[start:end]
+        positions[row, : end - start - 1] = np.arange(start + 1, end)
+    has_label = positions >= 0
+    labels = np.where(has_label, np.roll(input_ids, -1, axis=1), IGNORE_INDEX)
+    safe = np.where(has_label, positions, 0)
+    ref = target = None
+    if scores is not None:
+        ref = np.where(has_label, scores.scores[safe].astype(np.float32), np.nan)
+        ref = torch.from_numpy(ref)
+    if store.target_mask is not None:
+        target = torch.from_numpy(has_label & (store.target_mask[safe] > 0))
+    return Batch(torch.from_numpy(input_ids), torch.from_numpy(labels), ref, target, torch.from_numpy(positions))
+
+
+class WindowOrder:
+    """A deterministic, endless order of window indices: a fresh permutation per epoch, from the seed.
+
+    ``take(start, count)`` returns positions ``start .. start+count`` of that endless order, so the data
+    seen at any step is a pure function of (seed, step): resuming needs only the step.
+    """
+
+    def __init__(self, n_windows: int, seed: int, shuffle: bool = True):
+        if n_windows <= 0:
+            raise ValueError("the TokenStore has no full window of tokens; use a larger corpus or a smaller --seq-len")
+        self.n_windows, self.seed, self.shuffle = n_windows, seed, shuffle
+        self._cache: dict[int, np.ndarray] = {}
+
+    def epoch(self, e: int) -> np.ndarray:
+        if e not in self._cache:
+            if self.shuffle:
+                self._cache = {e: np.random.default_rng([self.seed, e]).permutation(self.n_windows)}
+            else:
+                self._cache = {e: np.arange(self.n_windows)}
+        return self._cache[e]
+
+    def take(self, start: int, count: int) -> np.ndarray:
+        out = []
+        while count > 0:
+            e, offset = divmod(start, self.n_windows)
+            part = self.epoch(e)[offset : offset + count]
+            out.append(part)
+            start += len(part)
+            count -= len(part)
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)

@@ -1,0 +1,118 @@
+"""Reading documents from text sources: .txt files or folders, .jsonl, Parquet, and saved HF datasets.
+
+Each source yields ``Document(text, target_start)``: ``target_start`` is the character where the
+part that counts for target-domain metrics begins (e.g. the answer of a question/answer template),
+or None when the whole text counts.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".parquet")
+
+
+@dataclass
+class Document:
+    text: str
+    target_start: int | None = None
+
+
+def expand_sources(paths: list[str | Path]) -> list[Path]:
+    """Files named directly, plus the readable files under any folder, in sorted order."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+            if not found:
+                raise ValueError(f"folder {path} has no {'/'.join(SUFFIXES)} files; point to the files themselves")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"source {path} does not exist; check the path")
+    return files
+
+
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text (bad byte at offset {err.start}); convert it first, "
+            f"e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}"
+        ) from None
+
+
+def _template_fields(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def format_record(record: dict, where: str, text_field: str | None, template: str | None,
+                  target_field: str | None) -> Document:
+    """One record (a jsonl line, a Parquet or dataset row) to a Document."""
+    if template is not None:
+        missing = [f for f in _template_fields(template) if f not in record]
+        if missing:
+            raise ValueError(
+                f"{where} has no field {missing[0]!r} used by --template; fields present: {', '.join(record)}"
+            )
+        text = template.format(**record)
+        target_start = None
+        if target_field is not None:
+            marker = "{" + target_field + "}"
+            if marker not in template:
+                raise ValueError(f"--target-field {target_field!r} does not appear in --template as {marker}")
+            target_start = len(template[: template.index(marker)].format(**record))
+        return Document(text, target_start)
+    field = text_field or "text"
+    if field not in record:
+        raise ValueError(
+            f"{where} has no field {field!r}; pass --text-field with one of: {', '.join(record)} (or --template)"
+        )
+    value = record[field]
+    if not isinstance(value, str):
+        raise ValueError(f"{where} field {field!r} is {type(value).__name__}, not text")
+    return Document(value, 0 if target_field == field else None)
+
+
+def _read_jsonl(path: Path, text_field, template, target_field) -> Iterator[Document]:
+    for lineno, line in enumerate(_read_utf8(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} line {lineno} is not valid JSON ({err.msg}); fix or remove that line") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path} line {lineno} is not a JSON object; each line must be {{\"field\": ...}}")
+        yield format_record(record, f"{path} line {lineno}", text_field, template, target_field)
+
+
+def _read_parquet(path: Path, text_field, template, target_field) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    for i, record in enumerate(table.to_pylist()):
+        yield format_record(record, f"{path} row {i}", text_field, template, target_field)
+
+
+def read_documents(paths: list[str | Path], text_field: str | None = None, template: str | None = None,
+                   target_field: str | None = None) -> Iterator[Document]:
+    """Every document of every source, in order. Empty documents are skipped."""
+    for path in expand_sources(paths):
+        if path.suffix in (".jsonl", ".json"):
+            docs = _read_jsonl(path, text_field, template, target_field)
+        elif path.suffix == ".parquet":
+            docs = _read_parquet(path, text_field, template, target_field)
+        else:
+            docs = iter([Document(_read_utf8(path), 0 if target_field else None)])
+        for doc in docs:
+            if doc.text.strip():
+                yield doc

@@ -1,0 +1,183 @@
+"""On-disk artifacts: the TokenStore (a tokenized corpus) and the ScoreStore (reference losses).
+
+TokenStore directory::
+
+    manifest.json     dtype, counts, tokenizer name and hash, sources, content hash
+    tokens.bin        one flat stream of token ids, documents separated by EOS (uint16 or uint32)
+    doc_offsets.npy   int64, start of each document in the stream, plus the end
+    target_mask.bin   optional uint8, 1 where a token counts for target-domain metrics
+    tokenizer/        the tokenizer, saved with save_pretrained
+
+ScoreStore directory::
+
+    manifest.json     the TokenStore's hash, the reference model's name and hash, seq_len, completion
+    scores.bin        float16, scores[i] = reference loss of token i given its window; NaN where no prediction
+
+Training, scoring and evaluation all cut the stream into the same windows: window w covers tokens
+``[w * seq_len, (w + 1) * seq_len)`` (the last one may be shorter), so a stored score is exactly the
+loss the reference gives a token in the context the learner sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+TOKEN_FORMAT = "rho1.token_store/1"
+SCORE_FORMAT = "rho1.score_store/1"
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(path: Path, kind: str, expected_format: str) -> dict:
+    manifest_path = Path(path) / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{path} is not a {kind} (no manifest.json); create it with `rho1 "
+                                f"{'prepare' if kind == 'TokenStore' else 'score'}`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError:
+        raise ValueError(f"{manifest_path} is corrupted (not valid JSON); recreate the {kind}") from None
+    if manifest.get("format") != expected_format:
+        raise ValueError(f"{path} is not a {kind} (format {manifest.get('format')!r}, expected {expected_format!r})")
+    return manifest
+
+
+def open_memmap(path: Path, dtype, count: int, kind: str) -> np.memmap:
+    """Memory-map a raw array, refusing a file whose size does not match the manifest."""
+    expected = count * np.dtype(dtype).itemsize
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; the {kind} is incomplete, recreate it")
+    actual = path.stat().st_size
+    if actual != expected:
+        raise ValueError(f"{path} is truncated or corrupted ({actual} bytes, manifest says {expected}); recreate the {kind}")
+    if count == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+
+
+def num_windows(n_tokens: int, seq_len: int) -> int:
+    """Windows of ``seq_len`` tokens; a last window of fewer than 2 tokens has nothing to predict and is dropped."""
+    full, rest = divmod(n_tokens, seq_len)
+    return full + (1 if rest >= 2 else 0)
+
+
+@dataclass
+class TokenStore:
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, path: str | Path) -> "TokenStore":
+        path = Path(path)
+        return cls(path, read_manifest(path, "TokenStore", TOKEN_FORMAT))
+
+    @property
+    def n_tokens(self) -> int:
+        return self.manifest["n_tokens"]
+
+    @property
+    def hash(self) -> str:
+        return self.manifest["content_hash"]
+
+    @property
+    def tokenizer_hash(self) -> str:
+        return self.manifest["tokenizer"]["hash"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest["vocab_size"]
+
+    @cached_property
+    def tokens(self) -> np.ndarray:
+        return open_memmap(self.path / "tokens.bin", self.manifest["dtype"], self.n_tokens, "TokenStore")
+
+    @cached_property
+    def target_mask(self) -> np.ndarray | None:
+        if not self.manifest.get("has_target_mask"):
+            return None
+        return open_memmap(self.path / "target_mask.bin", np.uint8, self.n_tokens, "TokenStore")
+
+    @cached_property
+    def doc_offsets(self) -> np.ndarray:
+        return np.load(self.path / "doc_offsets.npy", allow_pickle=False)
+
+    def tokenizer(self):
+        from rho1.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.path / "tokenizer")
+
+    def num_windows(self, seq_len: int) -> int:
+        return num_windows(self.n_tokens, seq_len)
+
+
+@dataclass
+class ScoreStore:
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, path: str | Path, store: TokenStore | None = None) -> "ScoreStore":
+        """Open a ScoreStore; with ``store``, refuse scores that belong to another corpus or tokenizer."""
+        path = Path(path)
+        scores = cls(path, read_manifest(path, "ScoreStore", SCORE_FORMAT))
+        if not scores.manifest.get("complete"):
+            raise ValueError(f"ScoreStore {path} is incomplete; run the same `rho1 score` command again to finish it")
+        if store is not None:
+            scores.check_matches(store)
+        return scores
+
+    def check_matches(self, store: TokenStore) -> None:
+        m = self.manifest
+        if m["tokenizer_hash"] != store.tokenizer_hash:
+            raise ValueError(
+                f"scores {self.path} were made with another tokenizer than TokenStore {store.path}; "
+                f"score this store with `rho1 score --data {store.path}`"
+            )
+        if m["token_store_hash"] != store.hash or m["n_tokens"] != store.n_tokens:
+            raise ValueError(
+                f"scores {self.path} belong to another corpus than TokenStore {store.path} "
+                f"(hash {m['token_store_hash']} vs {store.hash}); score this store with `rho1 score --data {store.path}`"
+            )
+
+    @property
+    def seq_len(self) -> int:
+        return self.manifest["seq_len"]
+
+    @cached_property
+    def scores(self) -> np.ndarray:
+        return open_memmap(self.path / "scores.bin", np.float16, self.manifest["n_tokens"], "ScoreStore")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished temporary directory into place, replacing an older one."""
+    if final.exists():
+        old = final.with_name(final.name + f".old-{int(time.time())}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)

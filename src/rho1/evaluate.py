@@ -1,0 +1,74 @@
+"""Held-out losses: on all tokens, on target tokens, and on the tokens selection keeps or drops."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rho1.data.loader import make_batch
+from rho1.data.store import ScoreStore, TokenStore
+from rho1.selection import SCORE_FUNCTIONS, num_selected, select_top, token_cross_entropy
+
+
+@torch.no_grad()
+def token_losses(model, store: TokenStore, seq_len: int, batch_size: int = 16, windows=None,
+                 autocast=contextlib.nullcontext, progress: bool = False, desc: str = "loss") -> np.ndarray:
+    """Per-token loss of ``model`` over the store's windows: ``out[i]`` = loss of token i given its window.
+
+    NaN where a token has no prediction (the first token of each window) or its window was not evaluated.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    windows = np.arange(store.num_windows(seq_len)) if windows is None else np.asarray(windows)
+    out = np.full(store.n_tokens, np.nan, dtype=np.float32)
+    bar = tqdm(total=len(windows) * seq_len, desc=desc, unit="tok", unit_scale=True, disable=not progress)
+    for i in range(0, len(windows), batch_size):
+        batch = make_batch(store, windows[i : i + batch_size], seq_len).to(device)
+        with autocast():
+            logits = model(input_ids=batch.input_ids).logits
+        losses = token_cross_entropy(logits, batch.labels)
+        keep = batch.positions >= 0
+        out[batch.positions[keep].cpu().numpy()] = losses[keep].float().cpu().numpy()
+        bar.update(int(batch.input_ids.numel()))
+    bar.close()
+    model.train(was_training)
+    return out
+
+
+def fixed_selection(losses: np.ndarray, ref: np.ndarray, ratio: float, score: str = "excess") -> np.ndarray:
+    """Which held-out tokens a selection keeps, ranked over the whole held-out set at once."""
+    valid = np.isfinite(losses) & np.isfinite(ref)
+    learner = torch.from_numpy(np.nan_to_num(losses))
+    reference = torch.from_numpy(np.nan_to_num(ref))
+    if score == "random":
+        scores = torch.rand(learner.shape, generator=torch.Generator().manual_seed(0))
+    else:
+        scores = SCORE_FUNCTIONS[score](learner, reference)
+    k = num_selected(int(valid.sum()), ratio)
+    return select_top(scores, torch.from_numpy(valid), k).numpy()
+
+
+def _mean(values: np.ndarray, where: np.ndarray) -> float:
+    where = where & np.isfinite(values)
+    return float(values[where].mean()) if where.any() else math.nan
+
+
+def summarize(losses: np.ndarray, store: TokenStore, scores: ScoreStore | None = None,
+              selected: np.ndarray | None = None) -> dict:
+    """Mean loss on all evaluated tokens, on target tokens, and on selected / unselected tokens."""
+    evaluated = np.isfinite(losses)
+    metrics = {"loss": _mean(losses, evaluated), "tokens": int(evaluated.sum())}
+    if store.target_mask is not None:
+        metrics["target_loss"] = _mean(losses, evaluated & (np.asarray(store.target_mask) > 0))
+    if scores is not None:
+        ref = np.asarray(scores.scores, dtype=np.float32)
+        metrics["ref_loss"] = _mean(ref, evaluated)
+        if selected is not None:
+            metrics["selected_loss"] = _mean(losses, evaluated & selected)
+            metrics["unselected_loss"] = _mean(losses, evaluated & ~selected & np.isfinite(ref))
+    return metrics

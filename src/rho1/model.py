@@ -1,0 +1,99 @@
+"""Models: tiny Llama presets for CPU, and loading/saving any Hugging Face causal LM (safetensors only)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+# Sized for CPU: nano for tests (seconds), tiny for the demo, small for the calibration runs in DESIGN.
+PRESETS = {
+    "nano": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+    "tiny": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=384),
+    "small": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512),
+}
+
+
+def build_model(preset: str, vocab_size: int, max_positions: int, eos_token_id: int, pad_token_id: int | None = None,
+                seed: int = 0) -> LlamaForCausalLM:
+    """A freshly initialised Llama of a preset size with tied embeddings."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        eos_token_id=eos_token_id,
+        bos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        rms_norm_eps=1e-5,
+        **PRESETS[preset],
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model
+
+
+def load_model(name_or_path: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None):
+    """Any Hugging Face causal LM by local path or hub name, from safetensors weights only."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype or torch.float32
+        )
+    except OSError as err:
+        if "safetensors" in str(err).lower():
+            raise ValueError(
+                f"model {name_or_path} has no safetensors weights; rho1 never loads pickled checkpoints, "
+                "convert it with save_pretrained(..., safe_serialization=True)"
+            ) from None
+        raise
+    return model
+
+
+def model_hash(name_or_path: str, model=None) -> str:
+    """Fingerprint of a model: config + weight files for a local folder, else the hub commit."""
+    path = Path(name_or_path)
+    h = hashlib.sha256()
+    if path.is_dir():
+        for f in sorted(path.glob("*.safetensors")) + [path / "config.json"]:
+            if f.is_file():
+                h.update(f.name.encode())
+                with open(f, "rb") as fh:
+                    while block := fh.read(1 << 22):
+                        h.update(block)
+    else:
+        commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+        h.update(f"{name_or_path}@{commit}".encode())
+    return h.hexdigest()[:16]
+
+
+def check_model_fits(model, store, model_name: str) -> None:
+    """Refuse a model whose vocabulary or tokenizer does not belong to the store's tokenizer."""
+    n_embed = model.get_input_embeddings().num_embeddings
+    if n_embed < store.vocab_size:
+        raise ValueError(
+            f"model {model_name} has {n_embed} token embeddings but TokenStore {store.path} uses a tokenizer with "
+            f"{store.vocab_size} tokens; prepare the store with the model's tokenizer (--tokenizer {model_name})"
+        )
+    tok_dir = Path(model_name)
+    if (tok_dir / "tokenizer_config.json").is_file() or (tok_dir / "tokenizer.json").is_file():
+        from rho1.data.tokenizer import load_tokenizer, tokenizer_hash
+
+        if tokenizer_hash(load_tokenizer(tok_dir)) != store.tokenizer_hash:
+            raise ValueError(
+                f"model {model_name} comes with another tokenizer than TokenStore {store.path}; "
+                f"prepare the store with `rho1 prepare --tokenizer {model_name}`"
+            )
+
+
+def save_checkpoint(model, tokenizer, path: Path, extra: dict | None = None) -> None:
+    """A Hugging Face checkpoint (safetensors + tokenizer) that from_pretrained and lm-eval read as is."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    if extra:
+        (path / "rho1_state.json").write_text(json.dumps(extra, indent=2))

@@ -1,0 +1,260 @@
+"""`rho1 train`: one loop for reference, CLM and SLM training, on accelerate.
+
+Reads top to bottom: set up, then for each optimizer step take the next windows of the seeded
+order, forward each micro-batch, keep the selected tokens' loss, step, log, evaluate, save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from rho1.data.loader import WindowOrder, make_batch
+from rho1.data.store import ScoreStore, TokenStore
+from rho1.evaluate import fixed_selection, summarize, token_losses
+from rho1.model import build_model, check_model_fits, load_model, save_checkpoint
+from rho1.selection import check_ratio, check_score, num_selected, select_from_token_loss, token_cross_entropy
+from rho1.selection import valid_mask
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # TokenStore to train on
+    out: str = "runs/train"
+    objective: str = "clm"  # clm | slm
+    scores: str | None = None  # ScoreStore of `data` (needed for slm, optional for clm: logs what slm would keep)
+    ratio: float = 0.6
+    score: str = "excess"  # excess | reference | learner | random
+    model: str | None = None  # HF name or path to start from; else a fresh --model-preset
+    model_preset: str = "tiny"
+    trust_remote_code: bool = False
+    seq_len: int = 256
+    batch_size: int = 16  # windows per micro-batch per process
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    max_tokens: int = 1_000_000
+    seed: int = 0
+    precision: str = "no"  # no | bf16 | fp16
+    eval_data: list[str] = field(default_factory=list)
+    eval_scores: list[str] = field(default_factory=list)  # ScoreStores of eval_data, same order ("" for none)
+    eval_every: int = 0  # tokens; 0 = only at the start and the end
+    eval_max_windows: int = 0  # 0 = every window of each eval store
+    save_every: int = 0  # tokens; 0 = only the final checkpoint
+    log_every: int = 10  # steps
+
+
+def check_config(cfg: TrainConfig) -> None:
+    if cfg.objective not in ("clm", "slm"):
+        raise ValueError(f"--objective must be clm or slm, got {cfg.objective!r}")
+    check_ratio(cfg.ratio)
+    check_score(cfg.score)
+    if cfg.objective == "slm" and cfg.scores is None and cfg.score in ("excess", "reference"):
+        raise ValueError(f"--objective slm with --score {cfg.score} needs reference losses; pass --scores SCORE_STORE "
+                         "(made by `rho1 score`)")
+    if cfg.eval_scores and len(cfg.eval_scores) != len(cfg.eval_data):
+        raise ValueError(f"--eval-scores names {len(cfg.eval_scores)} stores but --eval-data {len(cfg.eval_data)}; "
+                         "give one per eval store, '' where there is none")
+    for name in ("batch_size", "grad_accum", "seq_len", "max_tokens"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+
+
+def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio * lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+class Evaluator:
+    """Held-out metrics at a checkpoint. The selected/unselected split of each held-out store is fixed
+    at the first evaluation (top ``ratio`` by the run's score with the starting model), so the curves
+    of different runs from the same starting model compare the same tokens."""
+
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator):
+        self.cfg, self.accelerator = cfg, accelerator
+        self.stores = [TokenStore.open(p) for p in cfg.eval_data]
+        scores = cfg.eval_scores or [""] * len(self.stores)
+        self.scores = [ScoreStore.open(s, st) if s else None for s, st in zip(scores, self.stores)]
+        for s in self.scores:
+            if s is not None and s.seq_len != cfg.seq_len:
+                raise ValueError(f"eval scores {s.path} use windows of {s.seq_len} tokens but --seq-len is "
+                                 f"{cfg.seq_len}; rescore with --seq-len {cfg.seq_len}")
+        self.names = [Path(p).name for p in cfg.eval_data]
+        self.selected: list[np.ndarray | None] = [None] * len(self.stores)
+
+    def __call__(self, model) -> dict:
+        metrics = {}
+        for i, (name, store, scores) in enumerate(zip(self.names, self.stores, self.scores)):
+            n = store.num_windows(self.cfg.seq_len)
+            windows = np.arange(min(n, self.cfg.eval_max_windows) if self.cfg.eval_max_windows else n)
+            losses = token_losses(model, store, self.cfg.seq_len, self.cfg.batch_size, windows,
+                                  autocast=self.accelerator.autocast)
+            if scores is not None and self.selected[i] is None:
+                score = self.cfg.score if self.cfg.objective == "slm" else "excess"
+                self.selected[i] = fixed_selection(losses, np.asarray(scores.scores, np.float32), self.cfg.ratio, score)
+            for key, value in summarize(losses, store, scores, self.selected[i]).items():
+                metrics[f"eval/{name}/{key}"] = value
+        return metrics
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict:
+    check_config(cfg)
+    accelerator = Accelerator(mixed_precision=cfg.precision)
+    out = Path(cfg.out)
+    store = TokenStore.open(cfg.data)
+    scores = ScoreStore.open(cfg.scores, store) if cfg.scores else None
+    if scores is not None and scores.seq_len != cfg.seq_len:
+        raise ValueError(f"scores {scores.path} were computed with windows of {scores.seq_len} tokens but --seq-len is "
+                         f"{cfg.seq_len}; train with --seq-len {scores.seq_len} or rescore with --seq-len {cfg.seq_len}")
+    tokenizer = store.tokenizer()
+    if cfg.model:
+        model = load_model(cfg.model, cfg.trust_remote_code)
+        check_model_fits(model, store, cfg.model)
+    else:
+        model = build_model(cfg.model_preset, store.vocab_size, max(cfg.seq_len, 2048),
+                            store.manifest["eos_token_id"], tokenizer.pad_token_id, seed=cfg.seed)
+    if cfg.seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's {model.config.max_position_embeddings} positions")
+    evaluator = Evaluator(cfg, accelerator)
+
+    torch.manual_seed(cfg.seed)
+    optimizer = make_optimizer(model, cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+
+    n_proc, rank = accelerator.num_processes, accelerator.process_index
+    windows_per_step = cfg.batch_size * cfg.grad_accum * n_proc
+    tokens_per_step = windows_per_step * cfg.seq_len
+    total_steps = math.ceil(cfg.max_tokens / tokens_per_step)
+    order = WindowOrder(store.num_windows(cfg.seq_len), cfg.seed)
+    ratio = cfg.ratio if cfg.objective == "slm" else 1.0
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+        metrics_file = open(out / "metrics.jsonl", "w")
+    n_params = sum(p.numel() for p in model.parameters())
+
+    def log(record: dict) -> None:
+        if accelerator.is_main_process:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+
+    def evaluate(step: int, tokens: int) -> dict:
+        if not evaluator.stores:
+            return {}
+        metrics = evaluator(accelerator.unwrap_model(model))
+        log({"kind": "eval", "step": step, "tokens": tokens, **metrics})
+        return metrics
+
+    def save(path: Path, step: int, tokens: int) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_checkpoint(accelerator.unwrap_model(model), tokenizer, path,
+                            {"step": step, "tokens": tokens, "objective": cfg.objective, "ratio": ratio})
+
+    start_time = time.time()
+    last_eval = evaluate(0, 0)
+    next_eval = cfg.eval_every or math.inf
+    next_save = cfg.save_every or math.inf
+    tokens = 0
+    bar = tqdm(total=total_steps * tokens_per_step, desc=f"train {cfg.objective}", unit="tok", unit_scale=True,
+               disable=not (progress and accelerator.is_main_process))
+    running: dict[str, list[float]] = {}
+    for step in range(total_steps):
+        lr = lr_at(step, total_steps, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_windows = order.take(step * windows_per_step, windows_per_step)
+        micro = [make_batch(store, step_windows[(m * n_proc + rank) * cfg.batch_size:][: cfg.batch_size],
+                            cfg.seq_len, scores).to(accelerator.device) for m in range(cfg.grad_accum)]
+        # The loss is normalised by the tokens selected over the whole step (all micro-batches, all
+        # processes), so gradient accumulation and data parallelism do not change the objective.
+        counts = [num_selected(int(valid_mask(b.labels, b.ref_loss if ratio < 1 else None).sum()), ratio)
+                  for b in micro]
+        step_selected = accelerator.reduce(torch.tensor(float(sum(counts)), device=accelerator.device), "sum")
+        step_loss = torch.zeros((), device=accelerator.device)
+        for m, batch in enumerate(micro):
+            with accelerator.autocast():
+                logits = model(input_ids=batch.input_ids).logits
+            token_loss = token_cross_entropy(logits, batch.labels)
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * cfg.grad_accum + m)
+            selection = select_from_token_loss(token_loss, batch.labels, batch.ref_loss if ratio < 1 else None,
+                                               ratio, cfg.score if ratio < 1 else "learner", generator=generator)
+            if batch.ref_loss is not None and ratio == 1.0:  # CLM with scores: log what SLM would have kept
+                shadow = select_from_token_loss(token_loss.detach(), batch.labels, batch.ref_loss, cfg.ratio, "excess")
+                stats = {**shadow.stats, "frac_selected": 1.0}
+            else:
+                stats = selection.stats
+            loss = selection.loss_sum * n_proc / step_selected
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"training loss became {float(loss)} at step {step} ({tokens:,} tokens); the weights were not "
+                    "updated: lower --lr, or use --precision no if you train in fp16/bf16"
+                )
+            with accelerator.no_sync(model) if m < cfg.grad_accum - 1 else contextlib.nullcontext():
+                accelerator.backward(loss)
+            step_loss += selection.loss_sum.detach()
+            for key, value in stats.items():
+                running.setdefault(key, []).append(value)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += tokens_per_step
+        bar.update(tokens_per_step)
+
+        if (step + 1) % cfg.log_every == 0 or step == total_steps - 1:
+            step_loss = accelerator.reduce(step_loss, "sum") / step_selected
+            elapsed = time.time() - start_time
+            record = {"kind": "train", "step": step + 1, "tokens": tokens, "loss": float(step_loss), "lr": lr,
+                      "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                      "tokens_per_second": tokens / elapsed}
+            record.update({k: float(np.nanmean(v)) for k, v in running.items()})
+            running = {}
+            log(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+        if tokens >= next_eval and step < total_steps - 1:
+            last_eval = evaluate(step + 1, tokens)
+            next_eval += cfg.eval_every
+        if tokens >= next_save and step < total_steps - 1:
+            save(out / "checkpoints" / str(tokens), step + 1, tokens)
+            next_save += cfg.save_every
+    bar.close()
+    last_eval = evaluate(total_steps, tokens)
+    save(out / "final", total_steps, tokens)
+    seconds = time.time() - start_time
+    summary = {"tokens": tokens, "steps": total_steps, "seconds": seconds, "tokens_per_second": tokens / seconds,
+               "parameters": n_params, **last_eval}
+    if accelerator.is_main_process:
+        metrics_file.close()
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if progress:
+            shown = ", ".join(f"{k.split('/', 1)[-1]} {v:.4f}" for k, v in last_eval.items()
+                              if isinstance(v, float) and k.endswith("loss"))
+            print(f"train {cfg.objective}: {tokens:,} tokens in {seconds:.1f}s ({tokens / seconds:,.0f} tokens/s, "
+                  f"{n_params / 1e6:.2f}M parameters) -> {out / 'final'}" + (f"; {shown}" if shown else ""))
+    accelerator.wait_for_everyone()
+    return summary
