@@ -72,3 +72,42 @@ def summarize(losses: np.ndarray, store: TokenStore, scores: ScoreStore | None =
             metrics["selected_loss"] = _mean(losses, evaluated & selected)
             metrics["unselected_loss"] = _mean(losses, evaluated & ~selected & np.isfinite(ref))
     return metrics
+
+
+def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
+    """First point (linearly interpolated between evaluations) where a loss curve gets to ``target``."""
+    for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
+        if l1 <= target:
+            if l0 <= target:
+                return float(t0)
+            return t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
+    if curve and curve[0][1] <= target:
+        return float(curve[0][0])
+    return None
+
+
+def token_efficiency(baseline: list[tuple[int, float]], other: list[tuple[int, float]]) -> tuple[float, bool]:
+    """Tokens the baseline needs to reach its own final loss / tokens ``other`` needs to reach it.
+
+    Returns (ratio, reached). When ``other`` never reaches it, the ratio is an upper bound computed with
+    its whole budget, and ``reached`` is False.
+    """
+    target = baseline[-1][1]
+    needed = tokens_to_reach(baseline, target)
+    got = tokens_to_reach(other, target)
+    if got is None:
+        return needed / other[-1][0], False
+    return needed / max(got, 1e-9), True
+
+
+def read_curve(metrics_path, key: str) -> list[tuple[int, float]]:
+    """(tokens, value) of one eval metric from a run's metrics.jsonl."""
+    import json
+
+    curve = []
+    with open(metrics_path) as f:
+        for line in f:
+            record = json.loads(line)
+            if record.get("kind") == "eval" and key in record:
+                curve.append((record["tokens"], record[key]))
+    return curve

@@ -81,6 +81,11 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if v == v]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -90,8 +95,8 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 class Evaluator:
     """Held-out metrics at a checkpoint. The selected/unselected split of each held-out store is fixed
-    at the first evaluation (top ``ratio`` by the run's score with the starting model), so the curves
-    of different runs from the same starting model compare the same tokens."""
+    at the first evaluation (top ``ratio`` by excess loss of the starting model), so the curves of
+    different runs (CLM, SLM, ablations) from the same starting model compare the same tokens."""
 
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator):
         self.cfg, self.accelerator = cfg, accelerator
@@ -113,8 +118,7 @@ class Evaluator:
             losses = token_losses(model, store, self.cfg.seq_len, self.cfg.batch_size, windows,
                                   autocast=self.accelerator.autocast)
             if scores is not None and self.selected[i] is None:
-                score = self.cfg.score if self.cfg.objective == "slm" else "excess"
-                self.selected[i] = fixed_selection(losses, np.asarray(scores.scores, np.float32), self.cfg.ratio, score)
+                self.selected[i] = fixed_selection(losses, np.asarray(scores.scores, np.float32), self.cfg.ratio)
             for key, value in summarize(losses, store, scores, self.selected[i]).items():
                 metrics[f"eval/{name}/{key}"] = value
         return metrics
@@ -232,7 +236,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             record = {"kind": "train", "step": step + 1, "tokens": tokens, "loss": float(step_loss), "lr": lr,
                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
                       "tokens_per_second": tokens / elapsed}
-            record.update({k: float(np.nanmean(v)) for k, v in running.items()})
+            record.update({k: _nanmean(v) for k, v in running.items()})
             running = {}
             log(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}")

@@ -50,8 +50,10 @@ def _encode_batch(tokenizer, docs):
         elif doc.target_start == 0:
             mask = np.ones(len(ids) + 1, np.uint8)
         else:
-            starts = np.array([s for s, _ in enc["offset_mapping"][i]], dtype=np.int64)
-            mask = np.append(starts >= doc.target_start, True).astype(np.uint8)  # the closing EOS counts too
+            # a token is a target token if any of its characters is (a space merged into "ĠJanet" is not
+            # enough to make it a prompt token)
+            ends = np.array([e for _, e in enc["offset_mapping"][i]], dtype=np.int64)
+            mask = np.append(ends > doc.target_start, True).astype(np.uint8)  # the closing EOS counts too
         yield ids, mask
 
 

@@ -1,0 +1,183 @@
+"""The `rho1` command: one subcommand per pipeline stage. Thin: parse, build the stage's config, call it.
+
+Every subcommand takes ``--config FILE.yaml`` whose keys are the stage's config fields; flags given on
+the command line override the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import yaml
+
+from rho1.pipeline import PRESETS as DEMO_PRESETS
+
+
+def _load_yaml(path: str) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} does not exist") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option: value")
+    return data
+
+
+def _build(config_cls, args: argparse.Namespace, base=None):
+    """The stage config: defaults (or ``base``) < YAML --config < flags given on the command line."""
+    names = {f.name for f in fields(config_cls)}
+    values = dict(vars(base)) if base is not None else {}
+    if getattr(args, "config", None):
+        data = _load_yaml(args.config)
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"config file {args.config} has unknown keys {unknown}; valid keys: {sorted(names)}")
+        values.update(data)
+    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    return config_cls(**values)
+
+
+def _add_prepare(sub):
+    p = sub.add_parser("prepare", help="tokenize text sources into a TokenStore")
+    p.add_argument("sources", nargs="*", help=".txt/.md files or folders, .jsonl, .parquet")
+    p.add_argument("--out", "-o", help="TokenStore directory to write")
+    p.add_argument("--tokenizer", help="HF tokenizer name or path, or a TokenStore whose tokenizer to reuse")
+    p.add_argument("--train-tokenizer", type=int, metavar="VOCAB_SIZE",
+                   help="train a byte-level BPE of this size on the sources (saved inside the store)")
+    p.add_argument("--text-field", help="jsonl/parquet field holding the text (default: text)")
+    p.add_argument("--template", help='format records, e.g. "Question: {question}\\nAnswer: {answer}"')
+    p.add_argument("--target-field", help="template field whose tokens count for target-domain metrics")
+    p.add_argument("--trust-remote-code", action="store_true", default=None)
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="train a causal LM with the CLM or SLM objective")
+    p.add_argument("--data", help="TokenStore to train on")
+    p.add_argument("--out", "-o", help="run directory")
+    p.add_argument("--objective", choices=["clm", "slm"])
+    p.add_argument("--scores", help="ScoreStore of --data (from `rho1 score`)")
+    p.add_argument("--ratio", type=float, help="fraction of tokens SLM keeps, in (0, 1] (default 0.6)")
+    p.add_argument("--score", choices=["excess", "reference", "learner", "random"], help="selection score")
+    p.add_argument("--model", help="HF causal LM name or path to start from")
+    p.add_argument("--model-preset", choices=["nano", "tiny", "small"], help="fresh model size (default tiny)")
+    p.add_argument("--trust-remote-code", action="store_true", default=None)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--batch-size", type=int, help="windows per micro-batch per process")
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--min-lr-ratio", type=float)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--grad-clip", type=float)
+    p.add_argument("--max-tokens", type=int, help="token budget (dropped tokens count as seen)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--precision", choices=["no", "bf16", "fp16"])
+    p.add_argument("--eval-data", nargs="+", help="held-out TokenStores")
+    p.add_argument("--eval-scores", nargs="+", help="ScoreStores of --eval-data, same order ('' for none)")
+    p.add_argument("--eval-every", type=int, help="evaluate every N tokens")
+    p.add_argument("--eval-max-windows", type=int)
+    p.add_argument("--save-every", type=int, help="checkpoint every N tokens")
+    p.add_argument("--log-every", type=int, help="log every N steps")
+
+
+def _add_score(sub):
+    p = sub.add_parser("score", help="reference losses of every token of a TokenStore -> ScoreStore")
+    p.add_argument("--data", help="TokenStore to score")
+    p.add_argument("--model", help="reference model (HF name or path, e.g. RUN/final)")
+    p.add_argument("--out", "-o", help="ScoreStore directory to write")
+    p.add_argument("--seq-len", type=int, help="window length; must match training (default 256)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--precision", choices=["no", "bf16", "fp16"])
+    p.add_argument("--trust-remote-code", action="store_true", default=None)
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="held-out loss of a model (all / target / selected / unselected tokens)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, nargs="+", help="held-out TokenStores")
+    p.add_argument("--scores", nargs="+", help="their ScoreStores, same order, to split selected/unselected")
+    p.add_argument("--ratio", type=float, default=0.6)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="every stage end to end on the embedded demo data")
+    p.add_argument("--preset", choices=sorted(DEMO_PRESETS), default="default",
+                   help="default (a few minutes on 2 CPU cores) or quick (under a minute)")
+    p.add_argument("--out", "-o", help="output directory (default runs/demo)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--ratio", type=float)
+
+
+def run_eval(args) -> dict:
+    import numpy as np
+
+    from rho1.data.store import ScoreStore, TokenStore
+    from rho1.evaluate import fixed_selection, summarize, token_losses
+    from rho1.model import check_model_fits, load_model
+
+    model = load_model(args.model, args.trust_remote_code)
+    results = {}
+    scores_paths = args.scores or [""] * len(args.data)
+    if len(scores_paths) != len(args.data):
+        raise ValueError("--scores must name one ScoreStore per --data store ('' for none)")
+    for path, scores_path in zip(args.data, scores_paths):
+        store = TokenStore.open(path)
+        check_model_fits(model, store, args.model)
+        scores = ScoreStore.open(scores_path, store) if scores_path else None
+        losses = token_losses(model, store, args.seq_len, args.batch_size, progress=True, desc=Path(path).name)
+        selected = None
+        if scores is not None:
+            selected = fixed_selection(losses, np.asarray(scores.scores, np.float32), args.ratio)
+        results[Path(path).name] = summarize(losses, store, scores, selected)
+    print(json.dumps(results, indent=2))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rho1", description="Selective Language Modeling (Rho-1)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_prepare, _add_train, _add_score, _add_eval, _add_demo):
+        add(sub)
+    for p in sub.choices.values():
+        p.add_argument("--config", help="YAML file of options (flags override it)")
+    args = parser.parse_args(argv)
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        if args.command == "prepare":
+            from rho1.data.prepare import PrepareConfig, prepare
+
+            cfg = _build(PrepareConfig, args)
+            if not cfg.sources:
+                parser.error("prepare needs at least one source")
+            prepare(cfg)
+        elif args.command == "train":
+            from rho1.train import TrainConfig, train
+
+            train(_build(TrainConfig, args))
+        elif args.command == "score":
+            from rho1.score import ScoreConfig, score
+
+            score(_build(ScoreConfig, args))
+        elif args.command == "eval":
+            run_eval(args)
+        elif args.command == "demo":
+            from rho1.pipeline import DemoConfig, run_demo
+
+            run_demo(_build(DemoConfig, args, base=DEMO_PRESETS[args.preset]))
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        print(f"rho1 {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""`rho1 demo`: every stage end to end on the embedded demo data, then the CLM vs SLM table."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from rho1.data import demo as demo_data
+from rho1.data.prepare import PrepareConfig, prepare
+from rho1.evaluate import read_curve, token_efficiency
+from rho1.score import ScoreConfig, score
+from rho1.train import TrainConfig, train
+
+MATH_TEMPLATE = "Question: {question}\nAnswer: {answer}"
+
+
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"
+    seed: int = 0
+    model_preset: str = "tiny"
+    vocab_size: int = 2048
+    seq_len: int = 256
+    batch_size: int = 16
+    lr: float = 2e-3
+    ratio: float = 0.6
+    reference_tokens: int = 600_000
+    train_tokens: int = 700_000
+    eval_points: int = 14
+    n_reference: int = 3000
+    n_web: int = 3500
+    n_heldout: int = 250
+    n_offtarget: int = 150
+    math_share: float = 0.5
+    wrong_share: float = 0.5
+
+
+PRESETS = {
+    "default": DemoConfig(),
+    "quick": DemoConfig(model_preset="nano", vocab_size=512, seq_len=128, reference_tokens=60_000,
+                        train_tokens=60_000, eval_points=4, n_reference=300, n_web=400, n_heldout=40, n_offtarget=20),
+}
+
+
+def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
+    out = Path(cfg.out)
+    seconds: dict[str, float] = {}
+
+    def stage(name):
+        if progress:
+            print(f"\n== {name} ==")
+        seconds[name] = time.time()
+
+    def done(name):
+        seconds[name] = round(time.time() - seconds[name], 2)
+
+    stage("data")
+    files = demo_data.generate(out / "data", cfg.seed, cfg.n_reference, cfg.n_web, cfg.n_heldout, cfg.n_offtarget,
+                               cfg.math_share, cfg.wrong_share)
+    done("data")
+
+    stage("prepare")
+    stores = out / "stores"
+    corpus = prepare(PrepareConfig([str(files["web"])], str(stores / "web"), train_tokenizer=cfg.vocab_size,
+                                   text_field="text"), progress)
+    math_kw = dict(tokenizer=str(corpus.path), template=MATH_TEMPLATE, target_field="answer")
+    reference = prepare(PrepareConfig([str(files["reference"])], str(stores / "reference"), **math_kw), progress)
+    heldout = prepare(PrepareConfig([str(files["heldout"])], str(stores / "heldout"), **math_kw), progress)
+    offtarget = prepare(PrepareConfig([str(files["offtarget"])], str(stores / "offtarget"),
+                                      tokenizer=str(corpus.path), text_field="text"), progress)
+    done("prepare")
+
+    base = TrainConfig(model_preset=cfg.model_preset, seq_len=cfg.seq_len, batch_size=cfg.batch_size, lr=cfg.lr,
+                       seed=cfg.seed, ratio=cfg.ratio, log_every=5)
+    step_tokens = cfg.batch_size * cfg.seq_len
+
+    stage("reference")
+    ref_run = out / "reference"
+    train(replace(base, data=str(reference.path), out=str(ref_run), max_tokens=cfg.reference_tokens,
+                  eval_data=[str(heldout.path)]), progress)
+    done("reference")
+
+    stage("score")
+    ref_model = str(ref_run / "final")
+    corpus_scores = score(ScoreConfig(str(corpus.path), ref_model, str(out / "scores" / "web"), cfg.seq_len), progress)
+    heldout_scores = score(ScoreConfig(str(heldout.path), ref_model, str(out / "scores" / "heldout"), cfg.seq_len),
+                           progress)
+    done("score")
+
+    eval_every = max(step_tokens, (cfg.train_tokens // cfg.eval_points) // step_tokens * step_tokens)
+    runs = {"clm": dict(objective="clm"), "slm": dict(objective="slm", score="excess"),
+            "random": dict(objective="slm", score="random")}
+    summaries = {}
+    for name, overrides in runs.items():
+        stage(f"train {name}")
+        summaries[name] = train(replace(base, data=str(corpus.path), out=str(out / name), scores=str(corpus_scores.path),
+                                        max_tokens=cfg.train_tokens, eval_every=eval_every,
+                                        eval_data=[str(heldout.path), str(offtarget.path)],
+                                        eval_scores=[str(heldout_scores.path), ""], **overrides), progress)
+        done(f"train {name}")
+
+    target_key, off_key = "eval/heldout/target_loss", "eval/offtarget/loss"
+    curves = {name: read_curve(out / name / "metrics.jsonl", target_key) for name in runs}
+    slm_eff, slm_reached = token_efficiency(curves["clm"], curves["slm"])
+    rnd_eff, rnd_reached = token_efficiency(curves["clm"], curves["random"])
+    summary = {
+        "seed": cfg.seed,
+        "tokens_trained": summaries["clm"]["tokens"],
+        "ratio": cfg.ratio,
+        "token_efficiency": slm_eff,
+        "slm_reached_clm_loss": slm_reached,
+        "random_token_efficiency": rnd_eff,
+        "random_reached_clm_loss": rnd_reached,
+        "final_target_loss": {name: s[target_key] for name, s in summaries.items()},
+        "final_offtarget_loss": {name: s[off_key] for name, s in summaries.items()},
+        "final_heldout_selected_loss": {name: s.get("eval/heldout/selected_loss") for name, s in summaries.items()},
+        "final_heldout_unselected_loss": {name: s.get("eval/heldout/unselected_loss") for name, s in summaries.items()},
+        "tokens_per_second": {"prepare": corpus.manifest["n_tokens"] / max(corpus.manifest["seconds"], 1e-9),
+                              "score": corpus_scores.manifest["tokens_per_second"],
+                              **{f"train {n}": s["tokens_per_second"] for n, s in summaries.items()}},
+        "stage_seconds": seconds,
+        "config": cfg.__dict__,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if progress:
+        print_table(summary, out)
+    return summary
+
+
+def _fmt_eff(value: float, reached: bool) -> str:
+    return f"{value:.2f}x" if reached else f"< {value:.2f}x (never reached CLM's loss)"
+
+
+def print_table(summary: dict, out: Path) -> None:
+    rows = [("run", "target loss", "off-target loss", "token efficiency")]
+    rows.append(("CLM (all tokens)", summary["final_target_loss"]["clm"], summary["final_offtarget_loss"]["clm"], "1.00x"))
+    rows.append((f"SLM (top {summary['ratio']:.0%} by excess loss)", summary["final_target_loss"]["slm"],
+                 summary["final_offtarget_loss"]["slm"],
+                 _fmt_eff(summary["token_efficiency"], summary["slm_reached_clm_loss"])))
+    rows.append((f"random {summary['ratio']:.0%} (control)", summary["final_target_loss"]["random"],
+                 summary["final_offtarget_loss"]["random"],
+                 _fmt_eff(summary["random_token_efficiency"], summary["random_reached_clm_loss"])))
+    print(f"\nrho1 demo: {summary['tokens_trained']:,} tokens per run; target = loss on held-out answer tokens")
+    widths = [max(len(r[i] if isinstance(r[i], str) else f"{r[i]:.4f}") for r in rows) for i in range(4)]
+    for r in rows:
+        cells = [c if isinstance(c, str) else f"{c:.4f}" for c in r]
+        print("  ".join(c.ljust(w) for c, w in zip(cells, widths)))
+    stage_s = ", ".join(f"{k} {v:.0f}s" for k, v in summary["stage_seconds"].items())
+    print(f"\ntoken efficiency = tokens CLM needs to reach its final target loss / tokens the run needs to reach it")
+    print(f"stages: {stage_s} (total {sum(summary['stage_seconds'].values()):.0f}s)")
+    if not math.isnan(summary["token_efficiency"]) and summary["token_efficiency"] < 1.0:
+        print("SLM did not beat CLM on this run: the table reports it as measured.")
+    print(f"summary: {out / 'summary.json'}")

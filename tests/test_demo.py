@@ -1,0 +1,48 @@
+import json
+import math
+import subprocess
+import sys
+
+from rho1.cli import main
+
+
+def test_quick_demo_runs_every_stage_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--preset", "quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "token efficiency" in printed and "SLM (top 60% by excess loss)" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("token_efficiency", "random_token_efficiency"):
+        assert math.isfinite(summary[key]) and summary[key] > 0
+    for run in ("clm", "slm", "random"):
+        assert math.isfinite(summary["final_target_loss"][run])
+        assert math.isfinite(summary["final_offtarget_loss"][run])
+        assert (out / run / "final" / "model.safetensors").is_file()
+    assert set(summary["stage_seconds"]) == {"data", "prepare", "reference", "score", "train clm", "train slm",
+                                             "train random"}
+    # the three runs saw the same tokens in the same order
+    assert len({json.loads((out / r / "summary.json").read_text())["tokens"] for r in ("clm", "slm", "random")}) == 1
+
+
+def test_demo_data_is_deterministic_and_keeps_heldout_out_of_training(tmp_path):
+    from rho1.data.demo import generate
+
+    a = generate(tmp_path / "a", seed=3, n_reference=50, n_web=200, n_heldout=30, n_offtarget=5)
+    b = generate(tmp_path / "b", seed=3, n_reference=50, n_web=200, n_heldout=30, n_offtarget=5)
+    for name in a:
+        assert a[name].read_bytes() == b[name].read_bytes()
+    heldout = [json.loads(line)["question"] for line in a["heldout"].read_text().splitlines()]
+    reference = {json.loads(line)["question"] for line in a["reference"].read_text().splitlines()}
+    web = a["web"].read_text()
+    assert not reference & set(heldout)
+    assert not any(q in web for q in heldout)
+    assert "#### " in web and "https://" in web
+
+
+def test_cli_reports_bad_input_in_one_sentence(tmp_path):
+    (tmp_path / "latin.txt").write_bytes("na\xefve".encode("latin-1"))
+    result = subprocess.run([sys.executable, "-m", "rho1", "prepare", str(tmp_path / "latin.txt"), "--out",
+                             str(tmp_path / "s"), "--train-tokenizer", "300"], capture_output=True, text=True)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not UTF-8 text" in lines[0] and "convert it first" in lines[0]

@@ -1,0 +1,86 @@
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rho1.train import TrainConfig, train
+
+from conftest import SEQ_LEN, read_metrics
+
+
+def _cfg(stores, out, **kw):
+    base = dict(data=str(stores["corpus"].path), out=str(out), model_preset="nano", seq_len=SEQ_LEN, batch_size=8,
+                max_tokens=24_000, lr=3e-3, warmup_steps=5, log_every=5, eval_data=[str(stores["heldout"].path)])
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_lowers_heldout_loss_and_writes_loadable_checkpoints(stores, tmp_path):
+    out = tmp_path / "clm"
+    summary = train(_cfg(stores, out, eval_every=8192, save_every=12_288), progress=False)
+    evals = [r for r in read_metrics(out) if r["kind"] == "eval"]
+    first, last = evals[0]["eval/heldout/loss"], evals[-1]["eval/heldout/loss"]
+    assert last < first - 1.0, (first, last)
+    assert evals[-1]["eval/heldout/target_loss"] < evals[0]["eval/heldout/target_loss"]
+    assert summary["tokens"] >= 24_000
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints] == ["12288"]
+    for path in (checkpoints[0], out / "final"):
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+        tok = AutoTokenizer.from_pretrained(path)
+        ids = tok("Question: 2 + 3?", return_tensors="pt").input_ids
+        assert torch.isfinite(model(ids).logits).all()
+        assert (path / "model.safetensors").is_file()
+    assert (out / "config.yaml").read_text().startswith("data:")
+
+
+def test_slm_keeps_the_ratio_and_logs_selection_stats(stores, corpus_scores, tmp_path):
+    out = tmp_path / "slm"
+    train(_cfg(stores, out, objective="slm", scores=str(corpus_scores.path), ratio=0.6), progress=False)
+    steps = [r for r in read_metrics(out) if r["kind"] == "train"]
+    assert steps and all(r["frac_selected"] == pytest.approx(0.6, abs=0.01) for r in steps)
+    last = steps[-1]
+    assert last["excess_loss_selected"] > last["excess_loss_unselected"]
+    for key in ("learner_loss_selected", "ref_loss_selected", "learner_loss_unselected", "ref_loss_unselected"):
+        assert math.isfinite(last[key])
+
+
+def test_clm_and_slm_at_ratio_one_train_identically(stores, corpus_scores, tmp_path):
+    clm = train(_cfg(stores, tmp_path / "a", max_tokens=6000), progress=False)
+    slm = train(_cfg(stores, tmp_path / "b", max_tokens=6000, objective="slm", scores=str(corpus_scores.path),
+                     ratio=1.0), progress=False)
+    loss_a = [r["loss"] for r in read_metrics(tmp_path / "a") if r["kind"] == "train"]
+    loss_b = [r["loss"] for r in read_metrics(tmp_path / "b") if r["kind"] == "train"]
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    assert clm["eval/heldout/loss"] == pytest.approx(slm["eval/heldout/loss"], rel=1e-6)
+
+
+def test_gradient_accumulation_keeps_the_objective(stores, corpus_scores, tmp_path):
+    """Batch 8 in one micro-batch and 4 x 2 accumulated see the same windows and the same normalised loss."""
+    kw = dict(max_tokens=4096, objective="slm", scores=str(corpus_scores.path), log_every=1, eval_data=[])
+    train(_cfg(stores, tmp_path / "one", batch_size=8, grad_accum=1, **kw), progress=False)
+    train(_cfg(stores, tmp_path / "acc", batch_size=4, grad_accum=2, **kw), progress=False)
+    one = [r["loss"] for r in read_metrics(tmp_path / "one") if r["kind"] == "train"]
+    acc = [r["loss"] for r in read_metrics(tmp_path / "acc") if r["kind"] == "train"]
+    # micro-batch selection differs slightly from one selection over 8 windows, so only the first step
+    # (identical weights, selection within each half vs the whole) is compared loosely, the rest closely tracked
+    assert len(one) == len(acc)
+    assert one[0] == pytest.approx(acc[0], rel=0.05)
+    assert one[-1] == pytest.approx(acc[-1], rel=0.05)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(objective="slm", ratio=1.5), r"selection ratio must be in \(0, 1\]"),
+    (dict(objective="slm"), "needs reference losses; pass --scores"),
+    (dict(objective="dpo"), "--objective must be clm or slm"),
+])
+def test_bad_training_options_are_refused(stores, tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        train(_cfg(stores, tmp_path / "x", **kw), progress=False)
+
+
+def test_scores_with_other_windows_are_refused(stores, corpus_scores, tmp_path):
+    with pytest.raises(ValueError, match="windows of 64 tokens but --seq-len is 32"):
+        train(_cfg(stores, tmp_path / "x", objective="slm", scores=str(corpus_scores.path), seq_len=32),
+              progress=False)
