@@ -138,3 +138,21 @@ def test_truncated_token_file_is_reported(stores, tmp_path):
         f.truncate(100)
     with pytest.raises(ValueError, match="tokens.bin is truncated or corrupted"):
         TokenStore.open(copy).tokens
+
+
+def test_parquet_and_folder_sources(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"question": ["What is 2 + 3?", "What is 4 * 5?"], "answer": ["#### 5", "#### 20"]}),
+                   tmp_path / "qa.parquet")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "b.txt").write_text("second file")
+    (tmp_path / "notes" / "a.txt").write_text("first file")
+    store = prepare(PrepareConfig([str(tmp_path / "qa.parquet"), str(tmp_path / "notes")], str(tmp_path / "s"),
+                                  train_tokenizer=300, template=MATH_TEMPLATE), progress=False)
+    tok = store.tokenizer()
+    off = store.doc_offsets
+    docs = [tok.decode(store.tokens[off[i] : off[i + 1] - 1].tolist()) for i in range(len(off) - 1)]
+    assert docs == ["Question: What is 2 + 3?\nAnswer: #### 5", "Question: What is 4 * 5?\nAnswer: #### 20",
+                    "first file", "second file"]

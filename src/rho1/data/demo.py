@@ -52,56 +52,53 @@ def _money(x: float) -> str:
     return f"{x:.2f}".rstrip("0").rstrip(".") if x != int(x) else str(int(x))
 
 
+# Numbers stay small enough that the arithmetic is a set of facts a tiny model can learn (products of
+# small numbers, adding or taking away a few): the reference model can then tell a right result from
+# a wrong one, which is what makes wrong worked answers noise rather than just hard tokens.
+
 def _shopping(r: random.Random):
-    name, a_item, b_item = r.choice(NAMES), *r.sample(ITEMS, 2)
-    a, b, p, q = r.randint(2, 19), r.randint(2, 19), r.randint(2, 45), r.randint(2, 45)
+    name, item = r.choice(NAMES), r.choice(ITEMS)
+    a, p = r.randint(2, 9), r.randint(2, 11)
     question = r.choice([
-        f"{name} buys {a} {a_item}s at ${p} each and {b} {b_item}s at ${q} each. How much does {name} spend in total?",
-        f"At the market, {name} gets {a} {a_item}s for ${p} each and {b} {b_item}s for ${q} each. What is the total cost?",
+        f"{name} buys {a} {item}s at ${p} each and pays with a $100 bill. How much change does {name} get?",
+        f"At the market, {name} gets {a} {item}s for ${p} each and pays with $100. What is the change?",
     ])
-    steps = [f"The {a_item}s cost {a} * {p} = <<{a}*{p}={a * p}>>{a * p} dollars.",
-             f"The {b_item}s cost {b} * {q} = <<{b}*{q}={b * q}>>{b * q} dollars.",
-             f"In total that is {a * p} + {b * q} = <<{a * p}+{b * q}={a * p + b * q}>>{a * p + b * q} dollars."]
-    return question, steps, a * p + b * q
+    steps = [f"The {item}s cost {a} * {p} = <<{a}*{p}={a * p}>>{a * p} dollars.",
+             f"The change is 100 - {a * p} = <<100-{a * p}={100 - a * p}>>{100 - a * p} dollars."]
+    return question, steps, 100 - a * p
 
 
 def _sharing(r: random.Random):
     name, item, box = r.choice(NAMES), r.choice(ITEMS), r.choice(CONTAINERS)
-    k, per, extra = r.randint(3, 12), r.randint(3, 25), r.randint(2, 40)
+    k, per, extra = r.randint(2, 9), r.randint(2, 11), r.randint(2, 9)
     total = k * per
-    question = (f"{name} has {r.choice(['some', 'a few'])} {box}es with {total} {item}s in all and buys {extra} more "
-                f"{item}s. {name} keeps the new ones and shares the rest equally among {k} friends. "
-                f"How many {item}s does each friend get?")
+    question = (f"{name} has a {box} with {total} {item}s and buys {extra} more {item}s. {name} keeps the new ones "
+                f"and shares the rest equally among {k} friends. How many {item}s does each friend get?")
     steps = [f"{name} shares the {total} {item}s that were there before.",
              f"Each friend gets {total} / {k} = <<{total}/{k}={per}>>{per} {item}s."]
     return question, steps, per
 
 
 def _speed(r: random.Random):
-    v, s, h, m = r.choice(VEHICLES), r.randint(12, 95), r.randint(2, 9), r.randint(2, 7)
-    question = (f"A {v} travels at {s} km per hour for {h} hours, then at {s + m * 5} km per hour for {m} hours. "
-                f"How far does it travel?")
-    d1, d2 = s * h, (s + m * 5) * m
-    steps = [f"First it covers {s} * {h} = <<{s}*{h}={d1}>>{d1} km.",
-             f"Then it covers {s + m * 5} * {m} = <<{s + m * 5}*{m}={d2}>>{d2} km.",
-             f"Altogether it travels {d1} + {d2} = <<{d1}+{d2}={d1 + d2}>>{d1 + d2} km."]
-    return question, steps, d1 + d2
+    v, s, h, m = r.choice(VEHICLES), r.randint(2, 11), r.randint(2, 9), r.randint(1, 9)
+    question = f"A {v} travels at {s} km per hour for {h} hours and then {m} km more. How far does it travel?"
+    steps = [f"First it covers {s} * {h} = <<{s}*{h}={s * h}>>{s * h} km.",
+             f"Altogether it travels {s * h} + {m} = <<{s * h}+{m}={s * h + m}>>{s * h + m} km."]
+    return question, steps, s * h + m
 
 
 def _discount(r: random.Random):
-    item, price, pct, n = r.choice(ITEMS), r.randint(2, 30) * 10, r.choice([10, 20, 25, 30, 40, 50]), r.randint(2, 6)
+    item, price, pct = r.choice(ITEMS), r.randint(1, 9) * 10, r.choice([10, 20, 50])
     off = price * pct // 100
-    question = f"A {item} costs ${price}. It is on sale for {pct}% off. How much do {n} {item}s cost on sale?"
+    question = f"A {item} costs ${price}. It is on sale for {pct}% off. How much does it cost on sale?"
     steps = [f"The discount is {price} * {pct} / 100 = <<{price}*{pct}/100={off}>>{off} dollars.",
-             f"One {item} costs {price} - {off} = <<{price}-{off}={price - off}>>{price - off} dollars.",
-             f"So {n} {item}s cost {n} * {price - off} = <<{n}*{price - off}={n * (price - off)}>>"
-             f"{n * (price - off)} dollars."]
-    return question, steps, n * (price - off)
+             f"On sale it costs {price} - {off} = <<{price}-{off}={price - off}>>{price - off} dollars."]
+    return question, steps, price - off
 
 
 def _ages(r: random.Random):
     a, b = r.sample(NAMES, 2)
-    age, k, y = r.randint(4, 16), r.randint(2, 4), r.randint(2, 15)
+    age, k, y = r.randint(2, 12), r.randint(2, 4), r.randint(1, 9)
     question = f"{a} is {age} years old. {b} is {k} times as old as {a}. How old will {b} be in {y} years?"
     steps = [f"{b} is {k} * {age} = <<{k}*{age}={k * age}>>{k * age} years old now.",
              f"In {y} years {b} will be {k * age} + {y} = <<{k * age}+{y}={k * age + y}>>{k * age + y} years old."]
@@ -110,7 +107,7 @@ def _ages(r: random.Random):
 
 def _remaining(r: random.Random):
     name, friend, item = *r.sample(NAMES, 2), r.choice(ITEMS)
-    n, g, b = r.randint(40, 300), r.randint(5, 39), r.randint(5, 60)
+    n, g, b = r.randint(12, 60), r.randint(1, 9), r.randint(1, 9)
     question = f"{name} had {n} {item}s, gave {g} to {friend} and then bought {b} more. How many {item}s does {name} have now?"
     steps = [f"After giving some away, {name} has {n} - {g} = <<{n}-{g}={n - g}>>{n - g} {item}s.",
              f"After buying more, {name} has {n - g} + {b} = <<{n - g}+{b}={n - g + b}>>{n - g + b} {item}s."]
@@ -118,7 +115,7 @@ def _remaining(r: random.Random):
 
 
 def _rectangle(r: random.Random):
-    w, h, cost = r.randint(3, 40), r.randint(3, 40), r.randint(2, 9)
+    w, h, cost = r.randint(2, 9), r.randint(2, 9), r.randint(2, 5)
     question = f"A garden is {w} m wide and {h} m long. Fencing costs ${cost} per metre. How much does it cost to fence the garden?"
     p = 2 * (w + h)
     steps = [f"The perimeter is 2 * ({w} + {h}) = <<2*({w}+{h})={p}>>{p} m.",
@@ -128,7 +125,7 @@ def _rectangle(r: random.Random):
 
 def _savings(r: random.Random):
     name, item = r.choice(NAMES), r.choice(ITEMS)
-    x, w, spend = r.randint(3, 60), r.randint(3, 20), r.randint(5, 50)
+    x, w, spend = r.randint(2, 11), r.randint(2, 9), r.randint(1, 9)
     question = f"{name} saves ${x} every week for {w} weeks and then spends ${spend} on a {item}. How much money is left?"
     steps = [f"{name} saves {x} * {w} = <<{x}*{w}={x * w}>>{x * w} dollars.",
              f"After the {item}, {x * w} - {spend} = <<{x * w}-{spend}={x * w - spend}>>{x * w - spend} dollars are left."]
@@ -142,7 +139,7 @@ CALC = re.compile(r"<<([^=<>]+)=(-?\d+)>>(-?\d+)")
 
 
 def _off_by(r: random.Random, value: int) -> int:
-    return value + r.choice([-1, 1]) * r.choice([1, 2, 10, 11, 100, r.randint(3, 30)])
+    return max(0, value + r.choice([-1, 1]) * r.choice([1, 2, 10, r.randint(3, 9)]))
 
 
 def _corrupt(r: random.Random, question: str, answer: str) -> tuple[str, int | None]:
