@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import MATH_TEMPLATE, SEQ_LEN
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -11,8 +12,6 @@ from rho1.data.store import ScoreStore, TokenStore
 from rho1.evaluate import token_losses
 from rho1.model import load_model
 from rho1.score import ScoreConfig, score
-
-from conftest import MATH_TEMPLATE, SEQ_LEN
 
 
 def test_token_store_round_trips_text(stores, data_dir):
@@ -137,7 +136,7 @@ def test_truncated_token_file_is_reported(stores, tmp_path):
     with open(copy / "tokens.bin", "r+b") as f:
         f.truncate(100)
     with pytest.raises(ValueError, match="tokens.bin is truncated or corrupted"):
-        TokenStore.open(copy).tokens
+        _ = TokenStore.open(copy).tokens
 
 
 def test_parquet_and_folder_sources(tmp_path):

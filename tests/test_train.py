@@ -2,11 +2,10 @@ import math
 
 import pytest
 import torch
+from conftest import SEQ_LEN, read_metrics
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rho1.train import TrainConfig, train
-
-from conftest import SEQ_LEN, read_metrics
 
 
 def _cfg(stores, out, **kw):

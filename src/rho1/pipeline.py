@@ -1,4 +1,9 @@
-"""`rho1 demo`: every stage end to end on the embedded demo data, then the CLM vs SLM table."""
+"""`rho1 demo`: every stage end to end on the embedded demo data, then the CLM vs SLM table.
+
+As in the paper's main experiments, a base model comes first (here: a short CLM pretraining on the web
+corpus); the reference model is the base trained further on the clean math, and CLM, SLM and the
+random control all continue from the base on the same web tokens in the same order.
+"""
 
 from __future__ import annotations
 
@@ -24,23 +29,24 @@ class DemoConfig:
     model_preset: str = "tiny"
     vocab_size: int = 2048
     seq_len: int = 256
-    batch_size: int = 16
+    batch_size: int = 8
     lr: float = 2e-3
     ratio: float = 0.6
-    reference_tokens: int = 600_000
-    train_tokens: int = 700_000
+    base_tokens: int = 300_000  # > 0: pretrain a base model on the web corpus; reference, CLM and SLM start from it
+    reference_tokens: int = 300_000
+    train_tokens: int = 500_000
     eval_points: int = 14
     n_reference: int = 3000
     n_web: int = 3500
     n_heldout: int = 250
     n_offtarget: int = 150
-    math_share: float = 0.5
-    wrong_share: float = 0.5
+    math_share: float = 0.35  # share of web pages with a worked problem
+    wrong_share: float = 0.5  # share of those whose worked answer has a mistake
 
 
 PRESETS = {
     "default": DemoConfig(),
-    "quick": DemoConfig(model_preset="nano", vocab_size=512, seq_len=128, reference_tokens=60_000,
+    "quick": DemoConfig(model_preset="nano", vocab_size=512, seq_len=128, base_tokens=20_000, reference_tokens=40_000,
                         train_tokens=60_000, eval_points=4, n_reference=300, n_web=400, n_heldout=40, n_offtarget=20),
 }
 
@@ -73,13 +79,21 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
                                       tokenizer=str(corpus.path), text_field="text"), progress)
     done("prepare")
 
-    base = TrainConfig(model_preset=cfg.model_preset, seq_len=cfg.seq_len, batch_size=cfg.batch_size, lr=cfg.lr,
+    common = TrainConfig(model_preset=cfg.model_preset, seq_len=cfg.seq_len, batch_size=cfg.batch_size, lr=cfg.lr,
                        seed=cfg.seed, ratio=cfg.ratio, log_every=5)
     step_tokens = cfg.batch_size * cfg.seq_len
 
+    if cfg.base_tokens:
+        # As in the paper's main experiments: the reference and the trained models share a base model.
+        stage("base")
+        train(replace(common, data=str(corpus.path), out=str(out / "base"), max_tokens=cfg.base_tokens,
+                      seed=cfg.seed + 1), progress)  # another data order than the runs that continue from it
+        done("base")
+        common = replace(common, model=str(out / "base" / "final"))
+
     stage("reference")
     ref_run = out / "reference"
-    train(replace(base, data=str(reference.path), out=str(ref_run), max_tokens=cfg.reference_tokens,
+    train(replace(common, data=str(reference.path), out=str(ref_run), max_tokens=cfg.reference_tokens,
                   eval_data=[str(heldout.path)]), progress)
     done("reference")
 
@@ -96,7 +110,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     summaries = {}
     for name, overrides in runs.items():
         stage(f"train {name}")
-        summaries[name] = train(replace(base, data=str(corpus.path), out=str(out / name), scores=str(corpus_scores.path),
+        summaries[name] = train(replace(common, data=str(corpus.path), out=str(out / name), scores=str(corpus_scores.path),
                                         max_tokens=cfg.train_tokens, eval_every=eval_every,
                                         eval_data=[str(heldout.path), str(offtarget.path)],
                                         eval_scores=[str(heldout_scores.path), ""], **overrides), progress)
@@ -149,7 +163,7 @@ def print_table(summary: dict, out: Path) -> None:
         cells = [c if isinstance(c, str) else f"{c:.4f}" for c in r]
         print("  ".join(c.ljust(w) for c, w in zip(cells, widths)))
     stage_s = ", ".join(f"{k} {v:.0f}s" for k, v in summary["stage_seconds"].items())
-    print(f"\ntoken efficiency = tokens CLM needs to reach its final target loss / tokens the run needs to reach it")
+    print("\ntoken efficiency = tokens CLM needs to reach its final target loss / tokens the run needs to reach it")
     print(f"stages: {stage_s} (total {sum(summary['stage_seconds'].values()):.0f}s)")
     if not math.isnan(summary["token_efficiency"]) and summary["token_efficiency"] < 1.0:
         print("SLM did not beat CLM on this run: the table reports it as measured.")

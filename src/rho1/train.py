@@ -23,8 +23,14 @@ from rho1.data.loader import WindowOrder, make_batch
 from rho1.data.store import ScoreStore, TokenStore
 from rho1.evaluate import fixed_selection, summarize, token_losses
 from rho1.model import build_model, check_model_fits, load_model, save_checkpoint
-from rho1.selection import check_ratio, check_score, num_selected, select_from_token_loss, token_cross_entropy
-from rho1.selection import valid_mask
+from rho1.selection import (
+    check_ratio,
+    check_score,
+    num_selected,
+    select_from_token_loss,
+    token_cross_entropy,
+    valid_mask,
+)
 
 
 @dataclass
@@ -155,6 +161,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     total_steps = math.ceil(cfg.max_tokens / tokens_per_step)
     order = WindowOrder(store.num_windows(cfg.seq_len), cfg.seed)
     ratio = cfg.ratio if cfg.objective == "slm" else 1.0
+    selecting = ratio < 1.0  # slm at ratio 1 keeps every token: exactly clm
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -197,7 +204,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                             cfg.seq_len, scores).to(accelerator.device) for m in range(cfg.grad_accum)]
         # The loss is normalised by the tokens selected over the whole step (all micro-batches, all
         # processes), so gradient accumulation and data parallelism do not change the objective.
-        counts = [num_selected(int(valid_mask(b.labels, b.ref_loss if ratio < 1 else None).sum()), ratio)
+        counts = [num_selected(int(valid_mask(b.labels, b.ref_loss if selecting else None).sum()), ratio)
                   for b in micro]
         step_selected = accelerator.reduce(torch.tensor(float(sum(counts)), device=accelerator.device), "sum")
         step_loss = torch.zeros((), device=accelerator.device)
@@ -205,14 +212,17 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             with accelerator.autocast():
                 logits = model(input_ids=batch.input_ids).logits
             token_loss = token_cross_entropy(logits, batch.labels)
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * cfg.grad_accum + m)
-            selection = select_from_token_loss(token_loss, batch.labels, batch.ref_loss if ratio < 1 else None,
-                                               ratio, cfg.score if ratio < 1 else "learner", generator=generator)
-            if batch.ref_loss is not None and ratio == 1.0:  # CLM with scores: log what SLM would have kept
-                shadow = select_from_token_loss(token_loss.detach(), batch.labels, batch.ref_loss, cfg.ratio, "excess")
-                stats = {**shadow.stats, "frac_selected": 1.0}
-            else:
+            if selecting:
+                generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * cfg.grad_accum + m)
+                selection = select_from_token_loss(token_loss, batch.labels, batch.ref_loss, ratio, cfg.score,
+                                                   generator=generator)
                 stats = selection.stats
+            else:
+                selection = select_from_token_loss(token_loss, batch.labels, None, 1.0, "learner")
+                stats = selection.stats
+                if batch.ref_loss is not None:  # CLM with scores: log what SLM would have kept
+                    shadow = select_from_token_loss(token_loss.detach(), batch.labels, batch.ref_loss, cfg.ratio)
+                    stats = {**shadow.stats, "frac_selected": 1.0}
             loss = selection.loss_sum * n_proc / step_selected
             if not torch.isfinite(loss):
                 raise FloatingPointError(

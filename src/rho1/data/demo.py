@@ -1,11 +1,13 @@
 """Embedded demo corpora, generated deterministically from a seed (nothing is downloaded or committed).
 
-Three sets, written as jsonl with ``question``/``answer`` fields (math) or ``text`` (web):
+Four sets, written as jsonl with ``question``/``answer`` fields (math) or ``text`` (web):
 
 - ``reference``: clean worked math problems with final answers (the high-quality corpus).
 - ``web``: a larger noisy "web" corpus. The math in it is of the same kinds but other problems, posted
   in forum threads and pages among what real web math comes with: navigation and forum chrome,
-  usernames, timestamps, URLs, IDs, ads, off-topic chatter, and worked answers that are wrong.
+  usernames, timestamps, page counts, URLs, IDs, ads with prices and phone numbers, off-topic chatter,
+  and worked answers with mistakes (a number misread from the question, a calculation that is off, a
+  final answer that is not the result just computed).
 - ``heldout``: clean problems never seen in training, for the target-domain loss (answer tokens).
 - ``offtarget``: held-out web chatter without math, to show what SLM gives up.
 """
@@ -46,10 +48,6 @@ ADS = ("Buy cheap {item}s now, 50% OFF today only", "Hot singles in your area wa
 REPLIES = ("thanks a lot!!", "lol this helped me so much", "can someone explain step 2?", "bump", "+1",
            "I got a different answer", "this is wrong", "great explanation", "my teacher said the same",
            "why do you multiply there?", "ok i get it now", "wow that was fast", "omg finally")
-
-
-def _money(x: float) -> str:
-    return f"{x:.2f}".rstrip("0").rstrip(".") if x != int(x) else str(int(x))
 
 
 # Numbers stay small enough that the arithmetic is a set of facts a tiny model can learn (products of

@@ -20,7 +20,7 @@ class Batch:
     target: torch.Tensor | None  # [B, T] bool, labels that count for target-domain metrics
     positions: torch.Tensor  # [B, T] int64, stream position of labels[b, t] (-1 where ignored)
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Batch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import string
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".parquet")
 

@@ -83,7 +83,7 @@ class TokenStore:
     manifest: dict
 
     @classmethod
-    def open(cls, path: str | Path) -> "TokenStore":
+    def open(cls, path: str | Path) -> TokenStore:
         path = Path(path)
         return cls(path, read_manifest(path, "TokenStore", TOKEN_FORMAT))
 
@@ -132,7 +132,7 @@ class ScoreStore:
     manifest: dict
 
     @classmethod
-    def open(cls, path: str | Path, store: TokenStore | None = None) -> "ScoreStore":
+    def open(cls, path: str | Path, store: TokenStore | None = None) -> ScoreStore:
         """Open a ScoreStore; with ``store``, refuse scores that belong to another corpus or tokenizer."""
         path = Path(path)
         scores = cls(path, read_manifest(path, "ScoreStore", SCORE_FORMAT))
