@@ -4,6 +4,7 @@ reference model trained for real on GSM8K."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from rho1.train import TrainConfig, train
 transformers.utils.logging.disable_progress_bar()
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = Path(os.environ.get("RHO1_SHARED_DATA", ROOT.parent / "shared" / "data"))
 MATH_TEMPLATE = "Question: {question}\nAnswer: {answer}"
 SEQ_LEN = 64
 
@@ -24,7 +25,8 @@ SEQ_LEN = 64
 def _shared(*parts) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        pytest.fail(f"test data {path} is missing: the tests read ../shared/data beside the repository")
+        pytest.fail(f"test data {path} is missing: the tests read ../shared/data beside the repository "
+                    "(or the folder named by RHO1_SHARED_DATA)")
     return path
 
 
