@@ -192,7 +192,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     next_eval = cfg.eval_every or math.inf
     next_save = cfg.save_every or math.inf
     tokens = 0
-    bar = tqdm(total=total_steps * tokens_per_step, desc=f"train {cfg.objective}", unit="tok", unit_scale=True,
+    run_name = f"{cfg.objective} ({cfg.score})" if selecting and cfg.score != "excess" else cfg.objective
+    bar = tqdm(total=total_steps * tokens_per_step, desc=f"train {run_name}", unit="tok", unit_scale=True,
                disable=not (progress and accelerator.is_main_process))
     running: dict[str, list[float]] = {}
     for step in range(total_steps):
@@ -268,7 +269,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         if progress:
             shown = ", ".join(f"{k.split('/', 1)[-1]} {v:.4f}" for k, v in last_eval.items()
                               if isinstance(v, float) and k.endswith("loss"))
-            print(f"train {cfg.objective}: {tokens:,} tokens in {seconds:.1f}s ({tokens / seconds:,.0f} tokens/s, "
+            print(f"train {run_name}: {tokens:,} tokens in {seconds:.1f}s ({tokens / seconds:,.0f} tokens/s, "
                   f"{n_params / 1e6:.2f}M parameters) -> {out / 'final'}" + (f"; {shown}" if shown else ""))
     accelerator.wait_for_everyone()
     return summary
