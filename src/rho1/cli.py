@@ -92,6 +92,7 @@ def _add_score(sub):
     p.add_argument("--seq-len", type=int, help="window length; must match training (default 256)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--precision", choices=["no", "bf16", "fp16"])
+    p.add_argument("--chunk-windows", type=int, help="windows per unit of work (split across processes, resumed)")
     p.add_argument("--trust-remote-code", action="store_true", default=None)
 
 

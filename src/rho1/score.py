@@ -1,16 +1,24 @@
-"""`rho1 score`: a reference model's per-token loss over a TokenStore -> ScoreStore (computed once, offline)."""
+"""`rho1 score`: a reference model's per-token loss over a TokenStore -> ScoreStore (computed once, offline).
+
+Scoring is split into chunks of windows. Under `accelerate launch` or `torchrun` each process takes every
+N-th chunk and writes its losses straight into the shared ``scores.bin``; a chunk counts as done only
+once its bytes are flushed and its marker file ``progress/<chunk>`` exists. Killed at any point, the same
+command skips the finished chunks and redoes the rest, so the result is identical to an uninterrupted
+run. The manifest says ``complete: true`` only when every chunk is done.
+"""
 
 from __future__ import annotations
 
-import shutil
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from accelerate import Accelerator
+from tqdm.auto import tqdm
 
-from rho1.data.store import SCORE_FORMAT, ScoreStore, TokenStore, replace_dir, write_json_atomic
+from rho1.accel import make_accelerator
+from rho1.data.store import SCORE_FORMAT, ScoreStore, TokenStore, read_manifest, write_json_atomic
 from rho1.evaluate import token_losses
 from rho1.model import check_model_fits, load_model, model_hash
 
@@ -23,12 +31,35 @@ class ScoreConfig:
     seq_len: int = 256
     batch_size: int = 32
     precision: str = "no"  # no | bf16 | fp16
+    chunk_windows: int = 256  # windows per chunk: the unit of work split across processes and resumed
     trust_remote_code: bool = False
+
+
+def _start_or_resume(out: Path, identity: dict, n_tokens: int) -> None:
+    """Create an empty ScoreStore, or check that the one there is the same job (then it is resumed)."""
+    if (out / "manifest.json").is_file():
+        manifest = read_manifest(out, "ScoreStore", SCORE_FORMAT)
+        for key, value in identity.items():
+            if manifest.get(key) != value:
+                raise ValueError(f"{out} holds scores of another job ({key} differs: {manifest.get(key)!r} vs "
+                                 f"{value!r}); remove it or write to another --out")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "progress").mkdir(exist_ok=True)
+    with open(out / "scores.bin", "wb") as f:
+        f.truncate(n_tokens * 2)
+    write_json_atomic(out / "manifest.json", {"format": SCORE_FORMAT, "complete": False, **identity})
+
+
+def _mark_done(out: Path, chunk: int) -> None:
+    tmp = out / "progress" / f".{chunk}.tmp"
+    tmp.write_text("")
+    os.replace(tmp, out / "progress" / str(chunk))
 
 
 def score(cfg: ScoreConfig, progress: bool = True) -> ScoreStore:
     store = TokenStore.open(cfg.data)
-    accelerator = Accelerator(mixed_precision=cfg.precision)
+    accelerator = make_accelerator(cfg.precision)
     model = load_model(cfg.model, cfg.trust_remote_code)
     check_model_fits(model, store, cfg.model)
     if cfg.seq_len > model.config.max_position_embeddings:
@@ -36,19 +67,10 @@ def score(cfg: ScoreConfig, progress: bool = True) -> ScoreStore:
                          f"({model.config.max_position_embeddings}); pass a smaller --seq-len")
     model.to(accelerator.device)
 
-    start = time.time()
-    losses = token_losses(model, store, cfg.seq_len, cfg.batch_size, autocast=accelerator.autocast,
-                          progress=progress, desc="score")
-    seconds = time.time() - start
-
     out = Path(cfg.out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    losses.astype(np.float16).tofile(tmp / "scores.bin")
-    n_scored = int(np.isfinite(losses).sum())
-    manifest = {
-        "format": SCORE_FORMAT,
+    n_windows = store.num_windows(cfg.seq_len)
+    n_chunks = -(-n_windows // cfg.chunk_windows)
+    identity = {
         "token_store": str(store.path),
         "token_store_hash": store.hash,
         "tokenizer_hash": store.tokenizer_hash,
@@ -56,13 +78,52 @@ def score(cfg: ScoreConfig, progress: bool = True) -> ScoreStore:
         "model": {"name": cfg.model, "hash": model_hash(cfg.model, model)},
         "seq_len": cfg.seq_len,
         "precision": cfg.precision,
-        "complete": True,
-        "mean_loss": float(np.nanmean(losses)) if n_scored else None,
-        "tokens_per_second": round(store.n_tokens / max(seconds, 1e-9), 1),
+        "chunk_windows": cfg.chunk_windows,
+        "n_chunks": n_chunks,
     }
-    write_json_atomic(tmp / "manifest.json", manifest)
-    replace_dir(tmp, out)
-    if progress:
-        print(f"score: {store.n_tokens:,} tokens, mean reference loss {manifest['mean_loss']:.4f} -> {out} "
-              f"({manifest['tokens_per_second']:,.0f} tokens/s)")
+    if accelerator.is_main_process:
+        _start_or_resume(out, identity, store.n_tokens)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        _start_or_resume(out, identity, store.n_tokens)  # only checks, the main process created it
+
+    done = {int(p.name) for p in (out / "progress").iterdir() if p.name.isdigit()}
+    mine = [c for c in range(accelerator.process_index, n_chunks, accelerator.num_processes) if c not in done]
+    scores = np.memmap(out / "scores.bin", dtype=np.float16, mode="r+", shape=(store.n_tokens,))
+    start = time.time()
+    bar = tqdm(total=len(mine) * cfg.chunk_windows * cfg.seq_len, desc="score", unit="tok", unit_scale=True,
+               disable=not (progress and accelerator.is_main_process))
+    for chunk in mine:
+        windows = np.arange(chunk * cfg.chunk_windows, min((chunk + 1) * cfg.chunk_windows, n_windows))
+        losses = token_losses(model, store, cfg.seq_len, cfg.batch_size, windows, autocast=accelerator.autocast)
+        lo = int(windows[0]) * cfg.seq_len
+        hi = store.n_tokens if chunk == n_chunks - 1 else int(windows[-1] + 1) * cfg.seq_len
+        scores[lo:hi] = losses[lo:hi].astype(np.float16)
+        scores.flush()
+        _mark_done(out, chunk)
+        bar.update(len(windows) * cfg.seq_len)
+    bar.close()
+    seconds = time.time() - start
+    del scores
+    accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        finished = sorted(int(p.name) for p in (out / "progress").iterdir() if p.name.isdigit())
+        if finished != list(range(n_chunks)):
+            raise RuntimeError(f"scoring {out} ended with chunks missing; run the same command again to finish them")
+        values = np.fromfile(out / "scores.bin", dtype=np.float16).astype(np.float32)
+        manifest = {
+            "format": SCORE_FORMAT,
+            **identity,
+            "complete": True,
+            "completed_ranges": [[0, store.n_tokens]],
+            "mean_loss": float(np.nanmean(values)) if np.isfinite(values).any() else None,
+            "tokens_per_second": round(len(mine) * cfg.chunk_windows * cfg.seq_len * accelerator.num_processes
+                                       / max(seconds, 1e-9), 1),
+        }
+        write_json_atomic(out / "manifest.json", manifest)
+        if progress:
+            print(f"score: {store.n_tokens:,} tokens, mean reference loss {manifest['mean_loss']:.4f} -> {out} "
+                  f"({manifest['tokens_per_second']:,.0f} tokens/s over {accelerator.num_processes} process(es))")
+    accelerator.wait_for_everyone()
     return ScoreStore.open(out, store)

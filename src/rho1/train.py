@@ -19,6 +19,7 @@ import yaml
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from rho1.accel import make_accelerator
 from rho1.data.loader import WindowOrder, make_batch
 from rho1.data.store import ScoreStore, TokenStore
 from rho1.evaluate import fixed_selection, summarize, token_losses
@@ -60,7 +61,7 @@ class TrainConfig:
     eval_every: int = 0  # tokens; 0 = only at the start and the end
     eval_max_windows: int = 0  # 0 = every window of each eval store
     save_every: int = 0  # tokens; 0 = only the final checkpoint
-    log_every: int = 10  # steps
+    log_every: int = 1  # steps
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -132,7 +133,7 @@ class Evaluator:
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
     check_config(cfg)
-    accelerator = Accelerator(mixed_precision=cfg.precision)
+    accelerator = make_accelerator(cfg.precision)
     out = Path(cfg.out)
     store = TokenStore.open(cfg.data)
     scores = ScoreStore.open(cfg.scores, store) if cfg.scores else None

@@ -1,0 +1,15 @@
+"""Devices and processes, through accelerate: one place that builds the Accelerator."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate import Accelerator
+
+
+def make_accelerator(precision: str = "no") -> Accelerator:
+    """The Accelerator for this process. Launched by `accelerate launch` or `torchrun` on machines without
+    CUDA, accelerate only forms the process group (gloo) when told to use the CPU, so tell it then."""
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=precision, cpu=several and not torch.cuda.is_available())
