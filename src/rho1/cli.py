@@ -62,6 +62,8 @@ def _add_train(sub):
     p.add_argument("--scores", help="ScoreStore of --data (from `rho1 score`)")
     p.add_argument("--ratio", type=float, help="fraction of tokens SLM keeps, in (0, 1] (default 0.6)")
     p.add_argument("--score", choices=["excess", "reference", "learner", "random"], help="selection score")
+    p.add_argument("--selection-scope", choices=["micro", "global"],
+                   help="rank each process's micro-batch (micro) or all processes' tokens of the step at once (global)")
     p.add_argument("--model", help="HF causal LM name or path to start from")
     p.add_argument("--model-preset", choices=["nano", "tiny", "small"], help="fresh model size (default tiny)")
     p.add_argument("--trust-remote-code", action="store_true", default=None)

@@ -155,21 +155,35 @@ def select_from_token_loss(
     score: str = "excess",
     ignore_index: int = -100,
     generator: torch.Generator | None = None,
+    gather=None,
+    rank: int = 0,
 ) -> Selection:
-    """``selective_loss`` for per-token losses computed elsewhere (``token_loss`` keeps its graph)."""
+    """``selective_loss`` for per-token losses computed elsewhere (``token_loss`` keeps its graph).
+
+    Global scope: with ``gather`` (a function concatenating a tensor from every process along dim 0, in
+    rank order, e.g. ``accelerator.gather``) the top ``ratio`` is taken over all processes' tokens at once,
+    exactly as one process would on the concatenated batch; this process keeps its own rows, and
+    ``loss`` is its selected-token sum divided by the global count (the per-process losses add up to
+    the global mean).
+    """
     valid = valid_mask(labels, ref_loss, ignore_index)
-    n_valid = int(valid.sum())
+    all_valid = valid if gather is None else gather(valid.to(torch.uint8)).bool()
+    n_valid = int(all_valid.sum())
     k = num_selected(n_valid, ratio)
     if k == n_valid:
         mask = valid
     else:
         learner = token_loss.detach().float()
         reference = ref_loss.float() if ref_loss is not None else torch.zeros_like(learner)
-        if score == "random":
-            scores = _random(learner, reference, generator)
+        if score == "random":  # drawn for the whole (global) batch, so every process agrees
+            scores = _random(all_valid.float(), None, generator)
         else:
             scores = SCORE_FUNCTIONS[score](learner, reference)
-        mask = select_top(scores, valid, k)
+            scores = scores if gather is None else gather(scores.contiguous())
+        mask = select_top(scores, all_valid, k)
+        if gather is not None:
+            rows = labels.shape[0]
+            mask = mask[rank * rows : (rank + 1) * rows]
     loss_sum = torch.where(mask, token_loss, torch.zeros_like(token_loss)).sum()
     loss = loss_sum / max(k, 1)
     stats = selection_stats(token_loss, ref_loss, mask, valid)

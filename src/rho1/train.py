@@ -42,6 +42,7 @@ class TrainConfig:
     scores: str | None = None  # ScoreStore of `data` (needed for slm, optional for clm: logs what slm would keep)
     ratio: float = 0.6
     score: str = "excess"  # excess | reference | learner | random
+    selection_scope: str = "micro"  # micro: rank each process's micro-batch; global: all processes' at once
     model: str | None = None  # HF name or path to start from; else a fresh --model-preset
     model_preset: str = "tiny"
     trust_remote_code: bool = False
@@ -69,6 +70,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--objective must be clm or slm, got {cfg.objective!r}")
     check_ratio(cfg.ratio)
     check_score(cfg.score)
+    if cfg.selection_scope not in ("micro", "global"):
+        raise ValueError(f"--selection-scope must be micro or global, got {cfg.selection_scope!r}")
     if cfg.objective == "slm" and cfg.scores is None and cfg.score in ("excess", "reference"):
         raise ValueError(f"--objective slm with --score {cfg.score} needs reference losses; pass --scores SCORE_STORE "
                          "(made by `rho1 score`)")
@@ -163,6 +166,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     order = WindowOrder(store.num_windows(cfg.seq_len), cfg.seed)
     ratio = cfg.ratio if cfg.objective == "slm" else 1.0
     selecting = ratio < 1.0  # slm at ratio 1 keeps every token: exactly clm
+    global_scope = selecting and cfg.selection_scope == "global" and n_proc > 1
+    gather = accelerator.gather if global_scope else None
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -206,9 +211,17 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                             cfg.seq_len, scores).to(accelerator.device) for m in range(cfg.grad_accum)]
         # The loss is normalised by the tokens selected over the whole step (all micro-batches, all
         # processes), so gradient accumulation and data parallelism do not change the objective.
-        counts = [num_selected(int(valid_mask(b.labels, b.ref_loss if selecting else None).sum()), ratio)
-                  for b in micro]
-        step_selected = accelerator.reduce(torch.tensor(float(sum(counts)), device=accelerator.device), "sum")
+        # One selection covers one micro-batch: this process's (micro scope) or the same micro-batch index
+        # on every process (global scope). The loss is normalised by the tokens selected over the whole
+        # step (all micro-batches, all processes), so accumulation and data parallelism keep the objective.
+        valid_counts = torch.tensor([float(valid_mask(b.labels, b.ref_loss if selecting else None).sum())
+                                     for b in micro], device=accelerator.device)
+        if global_scope:
+            counts = [num_selected(int(c), ratio) for c in accelerator.reduce(valid_counts, "sum").tolist()]
+            step_selected = torch.tensor(float(sum(counts)), device=accelerator.device)
+        else:
+            counts = [num_selected(int(c), ratio) for c in valid_counts.tolist()]
+            step_selected = accelerator.reduce(torch.tensor(float(sum(counts)), device=accelerator.device), "sum")
         step_loss = torch.zeros((), device=accelerator.device)
         for m, batch in enumerate(micro):
             with accelerator.autocast():
@@ -217,7 +230,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             if selecting:
                 generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * cfg.grad_accum + m)
                 selection = select_from_token_loss(token_loss, batch.labels, batch.ref_loss, ratio, cfg.score,
-                                                   generator=generator)
+                                                   generator=generator, gather=gather, rank=rank)
                 stats = selection.stats
             else:
                 selection = select_from_token_loss(token_loss, batch.labels, None, 1.0, "learner")
