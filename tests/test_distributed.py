@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, SEQ_LEN, read_metrics
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -66,8 +65,8 @@ def test_scores_of_another_job_in_the_same_folder_are_refused(stores, reference_
 
 def test_global_selection_on_two_ranks_equals_one_process_on_the_concatenated_batch(tmp_path):
     import torch
-
     from dist_selection_worker import global_batch
+
     from rho1.selection import select_from_token_loss
 
     worker = str(ROOT / "tests" / "dist_selection_worker.py")
