@@ -102,3 +102,81 @@ def test_two_rank_ddp_reproduces_one_process_with_twice_the_batch(stores, corpus
     two = [r["loss"] for r in read_metrics(tmp_path / "two") if r["kind"] == "train"]
     assert len(one) == len(two) == 16
     assert two == pytest.approx(one, rel=1e-4)
+
+
+def _metrics_without_timing(run):
+    return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in read_metrics(run)]
+
+
+def test_training_killed_halfway_resumes_bitwise(stores, corpus_scores, tmp_path):
+    args = ["train", "--data", str(stores["corpus"].path), "--objective", "slm", "--scores", str(corpus_scores.path),
+            "--model-preset", "nano", "--seq-len", str(SEQ_LEN), "--batch-size", "4", "--grad-accum", "2",
+            "--max-tokens", "30000", "--lr", "3e-3", "--warmup-steps", "3", "--save-every", "2048",
+            "--keep-last", "2", "--eval-data", str(stores["heldout"].path), "--eval-every", "8192",
+            "--eval-max-windows", "8", "--score", "random"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run([sys.executable, "-m", "rho1", *args, "--out", str(whole)], env=ENV, check=True,
+                   capture_output=True)
+    proc = subprocess.Popen([sys.executable, "-m", "rho1", *args, "--out", str(killed)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed / "checkpoints" / "12288").is_dir():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final").exists(), "the run finished before it was killed: nothing was tested"
+    result = subprocess.run([sys.executable, "-m", "rho1", *args, "--out", str(killed), "--resume"], env=ENV,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stdout
+    assert (killed / "final" / "model.safetensors").read_bytes() == (whole / "final" / "model.safetensors").read_bytes()
+    assert _metrics_without_timing(killed) == _metrics_without_timing(whole)
+    assert len(list((killed / "checkpoints").iterdir())) == 2  # --keep-last 2
+
+
+def test_corrupted_checkpoint_is_reported_before_resuming(stores, tmp_path):
+    from rho1.train import TrainConfig, train
+
+    cfg = TrainConfig(data=str(stores["corpus"].path), out=str(tmp_path / "run"), model_preset="nano",
+                      seq_len=SEQ_LEN, batch_size=4, max_tokens=4096, save_every=1024, keep_last=5)
+    train(cfg, progress=False)
+    newest = tmp_path / "run" / "checkpoints" / "3072"
+    data = bytearray((newest / "model.safetensors").read_bytes())
+    data[-10] ^= 0xFF
+    (newest / "model.safetensors").write_bytes(bytes(data))
+    cfg.resume = True
+    with pytest.raises(ValueError, match=r"checkpoint file .*3072/model.safetensors is missing or corrupted"):
+        train(cfg, progress=False)
+
+
+def _nan_model(tmp_path, stores):
+    import torch
+
+    from rho1.model import build_model
+
+    model = build_model("nano", stores["corpus"].vocab_size, 2048, stores["corpus"].manifest["eos_token_id"])
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan_model")
+    return model
+
+
+def test_nan_loss_stops_with_one_sentence_or_skips_under_the_flag(stores, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from rho1.train import TrainConfig, train
+
+    _nan_model(tmp_path, stores)
+    cfg = TrainConfig(data=str(stores["corpus"].path), out=str(tmp_path / "run"), model=str(tmp_path / "nan_model"),
+                      seq_len=SEQ_LEN, batch_size=4, max_tokens=2048)
+    with pytest.raises(FloatingPointError, match=r"training loss became nan at step 0 .*the weights were not updated"):
+        train(cfg, progress=False)
+    cfg.skip_nonfinite = True
+    train(cfg, progress=False)
+    skipped = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "skipped"]
+    assert len(skipped) == 2048 // (4 * SEQ_LEN)  # every step
+    before = load_file(tmp_path / "nan_model" / "model.safetensors")
+    after = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    for name, tensor in before.items():  # nothing was updated, the NaN did not spread
+        assert torch.equal(torch.nan_to_num(tensor, nan=7.0), torch.nan_to_num(after[name], nan=7.0)), name

@@ -155,3 +155,19 @@ def test_parquet_and_folder_sources(tmp_path):
     docs = [tok.decode(store.tokens[off[i] : off[i + 1] - 1].tolist()) for i in range(len(off) - 1)]
     assert docs == ["Question: What is 2 + 3?\nAnswer: #### 5", "Question: What is 4 * 5?\nAnswer: #### 20",
                     "first file", "second file"]
+
+
+def test_corrupted_token_store_is_reported_before_any_work(stores, tmp_path):
+    import shutil
+
+    from rho1.train import TrainConfig, train
+
+    copy = tmp_path / "copy"
+    shutil.copytree(stores["heldout"].path, copy)
+    data = bytearray((copy / "tokens.bin").read_bytes())
+    data[100] ^= 0x01  # same size, one bit flipped
+    (copy / "tokens.bin").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"copy/tokens.bin does not match the hash in its manifest .*rho1 prepare"):
+        train(TrainConfig(data=str(copy), out=str(tmp_path / "run"), model_preset="nano", seq_len=SEQ_LEN),
+              progress=False)
+    assert not (tmp_path / "run").exists()

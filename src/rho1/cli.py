@@ -84,6 +84,11 @@ def _add_train(sub):
     p.add_argument("--eval-max-windows", type=int)
     p.add_argument("--save-every", type=int, help="checkpoint every N tokens")
     p.add_argument("--log-every", type=int, help="log every N steps")
+    p.add_argument("--keep-last", type=int, help="resumable checkpoints to keep (default 3)")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue from the newest complete checkpoint in --out (same command plus this flag)")
+    p.add_argument("--skip-nonfinite", action="store_true", default=None,
+                   help="skip a step whose loss or gradient is NaN/inf instead of stopping")
 
 
 def _add_score(sub):

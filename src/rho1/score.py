@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from rho1.accel import make_accelerator
-from rho1.data.store import SCORE_FORMAT, ScoreStore, TokenStore, read_manifest, write_json_atomic
+from rho1.data.store import SCORE_FORMAT, ScoreStore, TokenStore, read_manifest, sha256_file, write_json_atomic
 from rho1.evaluate import token_losses
 from rho1.model import check_model_fits, load_model, model_hash
 
@@ -58,7 +58,7 @@ def _mark_done(out: Path, chunk: int) -> None:
 
 
 def score(cfg: ScoreConfig, progress: bool = True) -> ScoreStore:
-    store = TokenStore.open(cfg.data)
+    store = TokenStore.open(cfg.data).verify()
     accelerator = make_accelerator(cfg.precision)
     model = load_model(cfg.model, cfg.trust_remote_code)
     check_model_fits(model, store, cfg.model)
@@ -117,6 +117,7 @@ def score(cfg: ScoreConfig, progress: bool = True) -> ScoreStore:
             **identity,
             "complete": True,
             "completed_ranges": [[0, store.n_tokens]],
+            "sha256": {"scores.bin": sha256_file(out / "scores.bin")},
             "mean_loss": float(np.nanmean(values)) if np.isfinite(values).any() else None,
             "tokens_per_second": round(len(mine) * cfg.chunk_windows * cfg.seq_len * accelerator.num_processes
                                        / max(seconds, 1e-9), 1),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +23,7 @@ from tqdm.auto import tqdm
 
 from rho1.accel import make_accelerator
 from rho1.data.loader import WindowOrder, make_batch
-from rho1.data.store import ScoreStore, TokenStore
+from rho1.data.store import ScoreStore, TokenStore, sha256_file
 from rho1.evaluate import fixed_selection, summarize, token_losses
 from rho1.model import build_model, check_model_fits, load_model, save_checkpoint
 from rho1.selection import (
@@ -62,6 +64,9 @@ class TrainConfig:
     eval_every: int = 0  # tokens; 0 = only at the start and the end
     eval_max_windows: int = 0  # 0 = every window of each eval store
     save_every: int = 0  # tokens; 0 = only the final checkpoint
+    keep_last: int = 3  # checkpoints kept under checkpoints/ (older ones are deleted)
+    resume: bool = False  # continue from the newest complete checkpoint in `out`
+    skip_nonfinite: bool = False  # skip a step whose loss or gradient is NaN/inf instead of stopping
     log_every: int = 1  # steps
 
 
@@ -103,6 +108,39 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
+def all_finite(accelerator: Accelerator, value: torch.Tensor) -> bool:
+    """True when the value is finite on every process (they must agree, or DDP would wait forever)."""
+    bad = torch.tensor(0.0 if torch.isfinite(value).all() else 1.0, device=accelerator.device)
+    return float(accelerator.reduce(bad, "sum")) == 0.0
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Complete resumable checkpoints of a run, oldest first."""
+    root = out / "checkpoints"
+    found = [p for p in root.iterdir() if p.name.isdigit() and (p / "rho1_state.json").is_file()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = checkpoints(out)
+    return found[-1] if found else None
+
+
+def write_training_state(path: Path, state: dict) -> None:
+    files = {f.name: sha256_file(f) for f in sorted(path.glob("*.safetensors"))}
+    (path / "rho1_state.json").write_text(json.dumps({**state, "sha256": files}, indent=2))
+
+
+def read_training_state(path: Path) -> dict:
+    """Our position in a checkpoint, after checking its weights against the hashes written with it."""
+    state = json.loads((path / "rho1_state.json").read_text())
+    for name, digest in state.get("sha256", {}).items():
+        if not (path / name).is_file() or sha256_file(path / name) != digest:
+            raise ValueError(f"checkpoint file {path / name} is missing or corrupted (hash mismatch); delete "
+                             f"{path} to resume from the checkpoint before it")
+    return state
+
+
 class Evaluator:
     """Held-out metrics at a checkpoint. The selected/unselected split of each held-out store is fixed
     at the first evaluation (top ``ratio`` by excess loss of the starting model), so the curves of
@@ -110,15 +148,20 @@ class Evaluator:
 
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator):
         self.cfg, self.accelerator = cfg, accelerator
-        self.stores = [TokenStore.open(p) for p in cfg.eval_data]
+        self.stores = [TokenStore.open(p).verify() for p in cfg.eval_data]
         scores = cfg.eval_scores or [""] * len(self.stores)
-        self.scores = [ScoreStore.open(s, st) if s else None for s, st in zip(scores, self.stores)]
+        self.scores = [ScoreStore.open(s, st).verify() if s else None for s, st in zip(scores, self.stores)]
         for s in self.scores:
             if s is not None and s.seq_len != cfg.seq_len:
                 raise ValueError(f"eval scores {s.path} use windows of {s.seq_len} tokens but --seq-len is "
                                  f"{cfg.seq_len}; rescore with --seq-len {cfg.seq_len}")
         self.names = [Path(p).name for p in cfg.eval_data]
         self.selected: list[np.ndarray | None] = [None] * len(self.stores)
+        # kept in the run directory so a resumed run compares the same tokens
+        self.selected_paths = [Path(cfg.out) / f"eval_selection_{i}.npy" for i in range(len(self.stores))]
+        for i, path in enumerate(self.selected_paths):
+            if cfg.resume and path.is_file():
+                self.selected[i] = np.load(path, allow_pickle=False)
 
     def __call__(self, model) -> dict:
         metrics = {}
@@ -129,6 +172,9 @@ class Evaluator:
                                   autocast=self.accelerator.autocast)
             if scores is not None and self.selected[i] is None:
                 self.selected[i] = fixed_selection(losses, np.asarray(scores.scores, np.float32), self.cfg.ratio)
+                if self.accelerator.is_main_process:
+                    self.selected_paths[i].parent.mkdir(parents=True, exist_ok=True)
+                    np.save(self.selected_paths[i], self.selected[i], allow_pickle=False)
             for key, value in summarize(losses, store, scores, self.selected[i]).items():
                 metrics[f"eval/{name}/{key}"] = value
         return metrics
@@ -138,8 +184,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     check_config(cfg)
     accelerator = make_accelerator(cfg.precision)
     out = Path(cfg.out)
-    store = TokenStore.open(cfg.data)
-    scores = ScoreStore.open(cfg.scores, store) if cfg.scores else None
+    store = TokenStore.open(cfg.data).verify()
+    scores = ScoreStore.open(cfg.scores, store).verify() if cfg.scores else None
     if scores is not None and scores.seq_len != cfg.seq_len:
         raise ValueError(f"scores {scores.path} were computed with windows of {scores.seq_len} tokens but --seq-len is "
                          f"{cfg.seq_len}; train with --seq-len {scores.seq_len} or rescore with --seq-len {cfg.seq_len}")
@@ -168,11 +214,25 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     selecting = ratio < 1.0  # slm at ratio 1 keeps every token: exactly clm
     global_scope = selecting and cfg.selection_scope == "global" and n_proc > 1
     gather = accelerator.gather if global_scope else None
+    run_name = f"{cfg.objective} ({cfg.score})" if selecting and cfg.score != "excess" else cfg.objective
 
+    step = tokens = 0
+    next_eval = cfg.eval_every or math.inf
+    next_save = cfg.save_every or math.inf
+    resume_from = latest_checkpoint(out) if cfg.resume else None
+    if resume_from is not None:
+        state = read_training_state(resume_from)
+        accelerator.load_state(str(resume_from / "state"))
+        step, tokens, next_eval, next_save = state["step"], state["tokens"], state["next_eval"], state["next_save"]
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
-        metrics_file = open(out / "metrics.jsonl", "w")
+        if resume_from is not None:  # drop what the killed run logged after its last checkpoint
+            kept = [line for line in (out / "metrics.jsonl").read_text().splitlines()
+                    if json.loads(line)["step"] <= step]
+            (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+            print(f"train: resuming from {resume_from} (step {step}, {tokens:,} tokens)")
+        metrics_file = open(out / "metrics.jsonl", "a" if resume_from is not None else "w")
     n_params = sum(p.numel() for p in model.parameters())
 
     def log(record: dict) -> None:
@@ -187,30 +247,52 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         log({"kind": "eval", "step": step, "tokens": tokens, **metrics})
         return metrics
 
-    def save(path: Path, step: int, tokens: int) -> None:
+    def save_final(path: Path, step: int, tokens: int) -> None:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             save_checkpoint(accelerator.unwrap_model(model), tokenizer, path,
                             {"step": step, "tokens": tokens, "objective": cfg.objective, "ratio": ratio})
 
+    def save_resumable(step: int, tokens: int) -> None:
+        """A HF checkpoint plus the accelerate state (optimizer, RNG) and our position, written beside the
+        final name and renamed into place, so a kill or a full disk leaves the previous one intact."""
+        path = out / "checkpoints" / str(tokens)
+        tmp = path.with_name(path.name + ".partial")
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp / "state"))
+        if accelerator.is_main_process:
+            save_checkpoint(accelerator.unwrap_model(model), tokenizer, tmp)
+            write_training_state(tmp, {"step": step, "tokens": tokens, "next_eval": next_eval,
+                                       "next_save": next_save, "objective": cfg.objective, "ratio": ratio})
+            os.replace(tmp, path)
+            for old in checkpoints(out)[: -cfg.keep_last] if cfg.keep_last > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    def nonfinite(what: str, step: int, tokens: int) -> None:
+        message = f"{what} at step {step} ({tokens:,} tokens); the weights were not updated"
+        if not cfg.skip_nonfinite:
+            raise FloatingPointError(f"{message}: lower --lr, use --precision no if you train in fp16/bf16, or "
+                                     "pass --skip-nonfinite to skip such steps")
+        log({"kind": "skipped", "step": step + 1, "tokens": tokens, "reason": what})
+        if progress and accelerator.is_main_process:
+            print(f"train: skipped a step: {message}")
+
     start_time = time.time()
-    last_eval = evaluate(0, 0)
-    next_eval = cfg.eval_every or math.inf
-    next_save = cfg.save_every or math.inf
-    tokens = 0
-    run_name = f"{cfg.objective} ({cfg.score})" if selecting and cfg.score != "excess" else cfg.objective
-    bar = tqdm(total=total_steps * tokens_per_step, desc=f"train {run_name}", unit="tok", unit_scale=True,
-               disable=not (progress and accelerator.is_main_process))
+    last_eval = evaluate(0, 0) if resume_from is None else {}
+    first_step, first_tokens = step, tokens
+    bar = tqdm(total=total_steps * tokens_per_step, initial=tokens, desc=f"train {run_name}", unit="tok",
+               unit_scale=True, disable=not (progress and accelerator.is_main_process))
     running: dict[str, list[float]] = {}
-    for step in range(total_steps):
+    for step in range(first_step, total_steps):
         lr = lr_at(step, total_steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_windows = order.take(step * windows_per_step, windows_per_step)
         micro = [make_batch(store, step_windows[(m * n_proc + rank) * cfg.batch_size:][: cfg.batch_size],
                             cfg.seq_len, scores).to(accelerator.device) for m in range(cfg.grad_accum)]
-        # The loss is normalised by the tokens selected over the whole step (all micro-batches, all
-        # processes), so gradient accumulation and data parallelism do not change the objective.
         # One selection covers one micro-batch: this process's (micro scope) or the same micro-batch index
         # on every process (global scope). The loss is normalised by the tokens selected over the whole
         # step (all micro-batches, all processes), so accumulation and data parallelism keep the objective.
@@ -223,6 +305,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             counts = [num_selected(int(c), ratio) for c in valid_counts.tolist()]
             step_selected = accelerator.reduce(torch.tensor(float(sum(counts)), device=accelerator.device), "sum")
         step_loss = torch.zeros((), device=accelerator.device)
+        grad_norm = None
         for m, batch in enumerate(micro):
             with accelerator.autocast():
                 logits = model(input_ids=batch.input_ids).logits
@@ -239,18 +322,20 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                     shadow = select_from_token_loss(token_loss.detach(), batch.labels, batch.ref_loss, cfg.ratio)
                     stats = {**shadow.stats, "frac_selected": 1.0}
             loss = selection.loss_sum * n_proc / step_selected
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"training loss became {float(loss)} at step {step} ({tokens:,} tokens); the weights were not "
-                    "updated: lower --lr, or use --precision no if you train in fp16/bf16"
-                )
+            if not all_finite(accelerator, loss):
+                nonfinite(f"training loss became {float(loss.detach())}", step, tokens)
+                break
             with accelerator.no_sync(model) if m < cfg.grad_accum - 1 else contextlib.nullcontext():
                 accelerator.backward(loss)
             step_loss += selection.loss_sum.detach()
             for key, value in stats.items():
                 running.setdefault(key, []).append(value)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
-        optimizer.step()
+        else:  # every micro-batch was finite
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+            if grad_norm is not None and not all_finite(accelerator, grad_norm):
+                nonfinite(f"gradient norm became {float(grad_norm)}", step, tokens)
+            else:
+                optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += tokens_per_step
         bar.update(tokens_per_step)
@@ -260,7 +345,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             elapsed = time.time() - start_time
             record = {"kind": "train", "step": step + 1, "tokens": tokens, "loss": float(step_loss), "lr": lr,
                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                      "tokens_per_second": tokens / elapsed}
+                      "tokens_per_second": (tokens - first_tokens) / elapsed}
             record.update({k: _nanmean(v) for k, v in running.items()})
             running = {}
             log(record)
@@ -269,13 +354,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             last_eval = evaluate(step + 1, tokens)
             next_eval += cfg.eval_every
         if tokens >= next_save and step < total_steps - 1:
-            save(out / "checkpoints" / str(tokens), step + 1, tokens)
             next_save += cfg.save_every
+            save_resumable(step + 1, tokens)
     bar.close()
     last_eval = evaluate(total_steps, tokens)
-    save(out / "final", total_steps, tokens)
+    save_final(out / "final", total_steps, tokens)
     seconds = time.time() - start_time
-    summary = {"tokens": tokens, "steps": total_steps, "seconds": seconds, "tokens_per_second": tokens / seconds,
+    summary = {"tokens": tokens, "steps": total_steps, "seconds": seconds,
+               "tokens_per_second": (tokens - first_tokens) / seconds,
                "parameters": n_params, **last_eval}
     if accelerator.is_main_process:
         metrics_file.close()
@@ -283,7 +369,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         if progress:
             shown = ", ".join(f"{k.split('/', 1)[-1]} {v:.4f}" for k, v in last_eval.items()
                               if isinstance(v, float) and k.endswith("loss"))
-            print(f"train {run_name}: {tokens:,} tokens in {seconds:.1f}s ({tokens / seconds:,.0f} tokens/s, "
+            print(f"train {run_name}: {tokens:,} tokens in {seconds:.1f}s ({summary['tokens_per_second']:,.0f} tokens/s, "
                   f"{n_params / 1e6:.2f}M parameters) -> {out / 'final'}" + (f"; {shown}" if shown else ""))
     accelerator.wait_for_everyone()
     return summary

@@ -87,6 +87,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> TokenStore:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     content = hashlib.sha256()
+    file_hashes = {"tokens.bin": hashlib.sha256(), "target_mask.bin": hashlib.sha256()}
     offsets = [0]
     n_tokens = 0
     any_target = False
@@ -101,6 +102,8 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> TokenStore:
                 fmask.write(mask.tobytes())
                 content.update(arr.tobytes())
                 content.update(mask.tobytes())
+                file_hashes["tokens.bin"].update(arr.tobytes())
+                file_hashes["target_mask.bin"].update(mask.tobytes())
                 any_target |= bool(mask.any())
                 n_tokens += len(arr)
                 offsets.append(n_tokens)
@@ -108,6 +111,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> TokenStore:
     bar.close()
     if not any_target:
         (tmp / "target_mask.bin").unlink()
+        del file_hashes["target_mask.bin"]
     np.save(tmp / "doc_offsets.npy", np.asarray(offsets, dtype=np.int64), allow_pickle=False)
     tokenizer.save_pretrained(tmp / "tokenizer")
     seconds = time.time() - start
@@ -125,6 +129,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> TokenStore:
         "target_field": cfg.target_field,
         "has_target_mask": any_target,
         "content_hash": content.hexdigest()[:16],
+        "sha256": {name: h.hexdigest() for name, h in file_hashes.items()},
         "seconds": round(seconds, 3),
     }
     write_json_atomic(tmp / "manifest.json", manifest)

@@ -77,6 +77,16 @@ def num_windows(n_tokens: int, seq_len: int) -> int:
     return full + (1 if rest >= 2 else 0)
 
 
+def verify_files(path: Path, manifest: dict, kind: str, how: str) -> None:
+    """Check every file the manifest has a hash for; one sentence naming the file when one differs."""
+    for name, digest in manifest.get("sha256", {}).items():
+        f = Path(path) / name
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing; the {kind} is incomplete, {how}")
+        if sha256_file(f) != digest:
+            raise ValueError(f"{f} does not match the hash in its manifest (corrupted or changed); {how}")
+
+
 @dataclass
 class TokenStore:
     path: Path
@@ -125,6 +135,10 @@ class TokenStore:
     def num_windows(self, seq_len: int) -> int:
         return num_windows(self.n_tokens, seq_len)
 
+    def verify(self) -> TokenStore:
+        verify_files(self.path, self.manifest, "TokenStore", "recreate it with `rho1 prepare`")
+        return self
+
 
 @dataclass
 class ScoreStore:
@@ -158,6 +172,10 @@ class ScoreStore:
     @property
     def seq_len(self) -> int:
         return self.manifest["seq_len"]
+
+    def verify(self) -> ScoreStore:
+        verify_files(self.path, self.manifest, "ScoreStore", "delete it and run `rho1 score` again")
+        return self
 
     @cached_property
     def scores(self) -> np.ndarray:
