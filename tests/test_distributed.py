@@ -85,7 +85,8 @@ def test_global_selection_on_two_ranks_equals_one_process_on_the_concatenated_ba
 def _train_args(stores, scores, out, batch, **extra):
     args = ["train", "--data", str(stores["corpus"].path), "--out", str(out), "--model-preset", "nano",
             "--seq-len", str(SEQ_LEN), "--batch-size", str(batch), "--max-tokens", "8192", "--lr", "3e-3",
-            "--warmup-steps", "3", "--log-every", "1", "--seed", "5"]
+            "--warmup-steps", "3", "--log-every", "1", "--seed", "5", "--eval-data", str(stores["heldout"].path),
+            "--eval-max-windows", "6", "--eval-every", "4096"]
     if scores is not None:
         args += ["--objective", "slm", "--scores", str(scores.path), "--selection-scope", "global"]
     for key, value in extra.items():
@@ -102,6 +103,9 @@ def test_two_rank_ddp_reproduces_one_process_with_twice_the_batch(stores, corpus
     two = [r["loss"] for r in read_metrics(tmp_path / "two") if r["kind"] == "train"]
     assert len(one) == len(two) == 16
     assert two == pytest.approx(one, rel=1e-4)
+    evals_one = [r["eval/heldout/loss"] for r in read_metrics(tmp_path / "one") if r["kind"] == "eval"]
+    evals_two = [r["eval/heldout/loss"] for r in read_metrics(tmp_path / "two") if r["kind"] == "eval"]
+    assert len(evals_one) == 3 and evals_two == pytest.approx(evals_one, rel=1e-4)
 
 
 def _metrics_without_timing(run):

@@ -90,10 +90,12 @@ def check_model_fits(model, store, model_name: str) -> None:
             )
 
 
-def save_checkpoint(model, tokenizer, path: Path, extra: dict | None = None) -> None:
-    """A Hugging Face checkpoint (safetensors + tokenizer) that from_pretrained and lm-eval read as is."""
+def save_checkpoint(model, tokenizer, path: Path, extra: dict | None = None, state_dict: dict | None = None) -> None:
+    """A Hugging Face checkpoint (safetensors + tokenizer) that from_pretrained and lm-eval read as is.
+
+    Under FSDP or DeepSpeed pass ``state_dict=accelerator.get_state_dict(model)`` (gathered on every process)."""
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(path)
     if extra:
         (path / "rho1_state.json").write_text(json.dumps(extra, indent=2))

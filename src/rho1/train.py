@@ -243,15 +243,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     def evaluate(step: int, tokens: int) -> dict:
         if not evaluator.stores:
             return {}
-        metrics = evaluator(accelerator.unwrap_model(model))
+        metrics = evaluator(model)  # the wrapped model: under FSDP every process takes part in each forward
         log({"kind": "eval", "step": step, "tokens": tokens, **metrics})
         return metrics
 
     def save_final(path: Path, step: int, tokens: int) -> None:
         accelerator.wait_for_everyone()
+        state_dict = accelerator.get_state_dict(model)  # a collective under FSDP/DeepSpeed: every process calls it
         if accelerator.is_main_process:
             save_checkpoint(accelerator.unwrap_model(model), tokenizer, path,
-                            {"step": step, "tokens": tokens, "objective": cfg.objective, "ratio": ratio})
+                            {"step": step, "tokens": tokens, "objective": cfg.objective, "ratio": ratio}, state_dict)
 
     def save_resumable(step: int, tokens: int) -> None:
         """A HF checkpoint plus the accelerate state (optimizer, RNG) and our position, written beside the
@@ -262,8 +263,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp / "state"))
+        state_dict = accelerator.get_state_dict(model)
         if accelerator.is_main_process:
-            save_checkpoint(accelerator.unwrap_model(model), tokenizer, tmp)
+            save_checkpoint(accelerator.unwrap_model(model), tokenizer, tmp, state_dict=state_dict)
             write_training_state(tmp, {"step": step, "tokens": tokens, "next_eval": next_eval,
                                        "next_save": next_save, "objective": cfg.objective, "ratio": ratio})
             os.replace(tmp, path)
