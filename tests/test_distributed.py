@@ -184,3 +184,25 @@ def test_nan_loss_stops_with_one_sentence_or_skips_under_the_flag(stores, tmp_pa
     after = load_file(tmp_path / "run" / "final" / "model.safetensors")
     for name, tensor in before.items():  # nothing was updated, the NaN did not spread
         assert torch.equal(torch.nan_to_num(tensor, nan=7.0), torch.nan_to_num(after[name], nan=7.0)), name
+
+
+def test_disk_full_while_checkpointing_leaves_the_previous_checkpoint_intact(stores, tmp_path):
+    """A real full disk: a small tmpfs (needs root to mount, as on this project's machines and CI)."""
+    from rho1.train import TrainConfig, read_training_state, train
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1100k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        cfg = TrainConfig(data=str(stores["reference"].path), out=str(disk / "run"), model_preset="nano",
+                          seq_len=SEQ_LEN, batch_size=4, max_tokens=4096, save_every=1024, keep_last=10)
+        with pytest.raises(OSError, match=r"could not write checkpoint .*/2048 .*the previous checkpoint .*/1024 is "
+                                          r"intact: free space and rerun with --resume"):
+            train(cfg, progress=False)
+        state = read_training_state(disk / "run" / "checkpoints" / "1024")  # hashes verified
+        assert state["tokens"] == 1024
+        assert not (disk / "run" / "checkpoints" / "2048").exists()
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

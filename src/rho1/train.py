@@ -262,12 +262,19 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp / "state"))
-        state_dict = accelerator.get_state_dict(model)
+        try:
+            accelerator.save_state(str(tmp / "state"))
+            state_dict = accelerator.get_state_dict(model)
+            if accelerator.is_main_process:
+                save_checkpoint(accelerator.unwrap_model(model), tokenizer, tmp, state_dict=state_dict)
+                write_training_state(tmp, {"step": step, "tokens": tokens, "next_eval": next_eval,
+                                           "next_save": next_save, "objective": cfg.objective, "ratio": ratio})
+        except (OSError, RuntimeError) as err:  # disk full, quota, I/O error
+            previous = latest_checkpoint(out)
+            raise OSError(f"could not write checkpoint {path} ({err}); "
+                          + (f"the previous checkpoint {previous} is intact: free space and rerun with --resume"
+                             if previous else "free space and run again")) from None
         if accelerator.is_main_process:
-            save_checkpoint(accelerator.unwrap_model(model), tokenizer, tmp, state_dict=state_dict)
-            write_training_state(tmp, {"step": step, "tokens": tokens, "next_eval": next_eval,
-                                       "next_save": next_save, "objective": cfg.objective, "ratio": ratio})
             os.replace(tmp, path)
             for old in checkpoints(out)[: -cfg.keep_last] if cfg.keep_last > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
