@@ -35,19 +35,24 @@ class ScoreConfig:
     trust_remote_code: bool = False
 
 
-def _start_or_resume(out: Path, identity: dict, n_tokens: int) -> None:
-    """Create an empty ScoreStore, or check that the one there is the same job (then it is resumed)."""
-    if (out / "manifest.json").is_file():
-        manifest = read_manifest(out, "ScoreStore", SCORE_FORMAT)
-        for key, value in identity.items():
-            if manifest.get(key) != value:
-                raise ValueError(f"{out} holds scores of another job ({key} differs: {manifest.get(key)!r} vs "
-                                 f"{value!r}); remove it or write to another --out")
+def _check_same_job(out: Path, identity: dict) -> None:
+    """An existing ScoreStore at ``out`` must be this very job (then it is resumed); every process checks,
+    before any waits on the others, so a refusal cannot leave a process waiting forever."""
+    if not (out / "manifest.json").is_file():
         return
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "progress").mkdir(exist_ok=True)
+    manifest = read_manifest(out, "ScoreStore", SCORE_FORMAT)
+    for key, value in identity.items():
+        if manifest.get(key) != value:
+            raise ValueError(f"{out} holds scores of another job ({key} differs: {manifest.get(key)!r} vs "
+                             f"{value!r}); remove it or write to another --out")
+
+
+def _create(out: Path, identity: dict, n_tokens: int) -> None:
+    if (out / "manifest.json").is_file():
+        return
+    (out / "progress").mkdir(parents=True, exist_ok=True)
     with open(out / "scores.bin", "wb") as f:
-        f.truncate(n_tokens * 2)
+        f.truncate(n_tokens * 2)  # float16, filled chunk by chunk
     write_json_atomic(out / "manifest.json", {"format": SCORE_FORMAT, "complete": False, **identity})
 
 
@@ -81,11 +86,10 @@ def score(cfg: ScoreConfig, progress: bool = True) -> ScoreStore:
         "chunk_windows": cfg.chunk_windows,
         "n_chunks": n_chunks,
     }
+    _check_same_job(out, identity)
     if accelerator.is_main_process:
-        _start_or_resume(out, identity, store.n_tokens)
+        _create(out, identity, store.n_tokens)
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        _start_or_resume(out, identity, store.n_tokens)  # only checks, the main process created it
 
     done = {int(p.name) for p in (out / "progress").iterdir() if p.name.isdigit()}
     mine = [c for c in range(accelerator.process_index, n_chunks, accelerator.num_processes) if c not in done]
