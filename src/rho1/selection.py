@@ -188,3 +188,84 @@ def select_from_token_loss(
     loss = loss_sum / max(k, 1)
     stats = selection_stats(token_loss, ref_loss, mask, valid)
     return Selection(loss, loss_sum, mask, k, n_valid, token_loss.detach(), stats)
+
+
+class _SelectedLinearCE(torch.autograd.Function):
+    """Sum of cross-entropy over the selected rows of ``hidden @ weight.T``, never holding the full logits:
+    the backward recomputes logits chunk by chunk for the selected rows only."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, rows, labels, lse, loss_sum, chunk_size):
+        ctx.save_for_backward(hidden, weight, rows, labels, lse)
+        ctx.chunk_size = chunk_size
+        return loss_sum.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, rows, labels, lse = ctx.saved_tensors
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for start in range(0, rows.numel(), ctx.chunk_size):
+            idx = rows[start : start + ctx.chunk_size]
+            h = hidden[idx]
+            probs = torch.exp((h @ weight.T).float() - lse[start : start + ctx.chunk_size, None])
+            probs[torch.arange(idx.numel(), device=idx.device), labels[start : start + ctx.chunk_size]] -= 1.0
+            grad_logits = probs * grad_out
+            if grad_hidden is not None:
+                grad_hidden[idx] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += grad_logits.T @ h.float()
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+@torch.no_grad()
+def _chunked_token_loss(hidden, weight, labels, ignore_index, chunk_size):
+    """Per-token cross-entropy and log-sum-exp of ``hidden @ weight.T`` in chunks of rows (float32)."""
+    losses = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+    lse = torch.zeros_like(losses)
+    for start in range(0, labels.numel(), chunk_size):
+        logits = (hidden[start : start + chunk_size] @ weight.T).float()
+        chunk_lse = torch.logsumexp(logits, dim=-1)
+        target = labels[start : start + chunk_size]
+        picked = logits.gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1)
+        losses[start : start + chunk_size] = torch.where(target != ignore_index, chunk_lse - picked, 0.0)
+        lse[start : start + chunk_size] = chunk_lse
+    return losses, lse
+
+
+def selective_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ref_loss: torch.Tensor | None,
+    ratio: float = 0.6,
+    score: str = "excess",
+    ignore_index: int = -100,
+    generator: torch.Generator | None = None,
+    chunk_size: int = 1024,
+) -> Selection:
+    """``selective_loss`` computed from the LM head's input instead of its output.
+
+    ``hidden[..., d]`` are the final hidden states (``logits = hidden @ weight.T``), ``labels`` and
+    ``ref_loss`` shaped like ``hidden.shape[:-1]``. Per-token losses are computed ``chunk_size`` rows at a
+    time without keeping the ``[tokens x vocab]`` logits, and the backward produces gradient only through
+    the selected tokens (for hidden states and the head weight). Same selection and result as
+    ``selective_loss(hidden @ weight.T, labels, ref_loss, ...)``.
+    """
+    ratio = check_ratio(ratio)
+    check_score(score)
+    if ref_loss is None and score in ("excess", "reference"):
+        raise ValueError(f"score {score!r} needs reference losses; pass ref_loss or use score='learner'/'random'")
+    shape = labels.shape
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1)
+    token_loss, lse = _chunked_token_loss(flat_hidden, weight, flat_labels, ignore_index, chunk_size)
+    token_loss = token_loss.view(shape)
+    picked = select_from_token_loss(token_loss, labels, ref_loss, ratio, score, ignore_index, generator)
+    rows = picked.mask.reshape(-1).nonzero(as_tuple=True)[0]
+    loss_sum = _SelectedLinearCE.apply(flat_hidden, weight, rows, flat_labels[rows], lse[rows],
+                                       token_loss.reshape(-1)[rows].sum(), chunk_size)
+    return Selection(loss_sum / max(picked.n_selected, 1), loss_sum, picked.mask, picked.n_selected, picked.n_valid,
+                     token_loss, picked.stats)
