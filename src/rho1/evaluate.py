@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from rho1.data.loader import make_batch
 from rho1.data.store import ScoreStore, TokenStore
-from rho1.selection import SCORE_FUNCTIONS, num_selected, select_top, token_cross_entropy
+from rho1.selection import num_selected, select_top, token_cross_entropy
 
 
 @torch.no_grad()
@@ -40,15 +40,10 @@ def token_losses(model, store: TokenStore, seq_len: int, batch_size: int = 16, w
     return out
 
 
-def fixed_selection(losses: np.ndarray, ref: np.ndarray, ratio: float, score: str = "excess") -> np.ndarray:
-    """Which held-out tokens a selection keeps, ranked over the whole held-out set at once."""
+def fixed_selection(losses: np.ndarray, ref: np.ndarray, ratio: float) -> np.ndarray:
+    """The held-out tokens with the top ``ratio`` excess loss, ranked over the whole held-out set at once."""
     valid = np.isfinite(losses) & np.isfinite(ref)
-    learner = torch.from_numpy(np.nan_to_num(losses))
-    reference = torch.from_numpy(np.nan_to_num(ref))
-    if score == "random":
-        scores = torch.rand(learner.shape, generator=torch.Generator().manual_seed(0))
-    else:
-        scores = SCORE_FUNCTIONS[score](learner, reference)
+    scores = torch.from_numpy(np.nan_to_num(losses) - np.nan_to_num(ref))
     k = num_selected(int(valid.sum()), ratio)
     return select_top(scores, torch.from_numpy(valid), k).numpy()
 
