@@ -37,3 +37,4 @@ if __name__ == "__main__":
         total = accelerator.reduce(sel.loss.detach(), "sum")
         if accelerator.is_main_process:
             torch.save({"mask": mask.bool(), "loss": total}, f"{sys.argv[1]}.{score}.pt")
+    accelerator.end_training()  # leave the process group together, so neither side aborts on exit

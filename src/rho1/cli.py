@@ -185,7 +185,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         print(f"rho1 {args.command}: error: {err}", file=sys.stderr)
         return 2
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under torchrun / accelerate launch, leave the process group together: a process that exits while
+    another still holds the connection can make gloo abort it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 if __name__ == "__main__":
     sys.exit(main())
