@@ -121,6 +121,17 @@ def selection_stats(token_loss, ref_loss, mask, valid) -> dict:
     return stats
 
 
+def check_inputs(ratio: float, score: str, ref_loss: torch.Tensor | None, labels: torch.Tensor) -> float:
+    """The checks every selective loss makes before any work; returns the ratio as a float."""
+    ratio = check_ratio(ratio)
+    check_score(score)
+    if ref_loss is None and score in ("excess", "reference"):
+        raise ValueError(f"score {score!r} needs reference losses; pass ref_loss or use score='learner'/'random'")
+    if ref_loss is not None and ref_loss.shape != labels.shape:
+        raise ValueError(f"ref_loss has shape {tuple(ref_loss.shape)} but labels have {tuple(labels.shape)}")
+    return ratio
+
+
 def selective_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -137,12 +148,7 @@ def selective_loss(
     are never selected and never counted. Exactly ``round(ratio * n_valid)`` tokens are kept (at least
     one). ``ratio=1.0`` keeps every valid token, which is the ordinary causal LM loss.
     """
-    ratio = check_ratio(ratio)
-    check_score(score)
-    if ref_loss is None and score in ("excess", "reference"):
-        raise ValueError(f"score {score!r} needs reference losses; pass ref_loss or use score='learner'/'random'")
-    if ref_loss is not None and ref_loss.shape != labels.shape:
-        raise ValueError(f"ref_loss has shape {tuple(ref_loss.shape)} but labels have {tuple(labels.shape)}")
+    ratio = check_inputs(ratio, score, ref_loss, labels)
     token_loss = token_cross_entropy(logits, labels, ignore_index)
     return select_from_token_loss(token_loss, labels, ref_loss, ratio, score, ignore_index, generator)
 
@@ -254,10 +260,7 @@ def selective_linear_cross_entropy(
     the selected tokens (for hidden states and the head weight). Same selection and result as
     ``selective_loss(hidden @ weight.T, labels, ref_loss, ...)``.
     """
-    ratio = check_ratio(ratio)
-    check_score(score)
-    if ref_loss is None and score in ("excess", "reference"):
-        raise ValueError(f"score {score!r} needs reference losses; pass ref_loss or use score='learner'/'random'")
+    check_inputs(ratio, score, ref_loss, labels)
     shape = labels.shape
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
