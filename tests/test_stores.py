@@ -78,6 +78,19 @@ def test_dynamics_equal_token_losses_is_deterministic(stores, reference_model):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, equal_nan=True)
 
 
+def test_chunked_head_losses_equal_full_logits(stores, reference_model):
+    """Scoring and evaluation compute losses from the head's input in chunks; same numbers as full logits."""
+    from rho1.evaluate import linear_head_of
+
+    model = load_model(str(reference_model))
+    head_of = linear_head_of(model, stores["heldout"], SEQ_LEN)
+    assert head_of is model
+    full = token_losses(model, stores["heldout"], SEQ_LEN, batch_size=4)
+    chunked = token_losses(model, stores["heldout"], SEQ_LEN, batch_size=4, head_of=head_of)
+    assert np.isfinite(full).sum() > 1000
+    np.testing.assert_allclose(chunked, full, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 # -- refusals: one sentence naming the problem and the fix ---------------------------------------------
 
 def test_scores_of_another_corpus_are_refused(stores, corpus_scores):

@@ -83,3 +83,32 @@ def test_scores_with_other_windows_are_refused(stores, corpus_scores, tmp_path):
     with pytest.raises(ValueError, match="windows of 64 tokens but --seq-len is 32"):
         train(_cfg(stores, tmp_path / "x", objective="slm", scores=str(corpus_scores.path), seq_len=32),
               progress=False)
+
+
+@pytest.mark.parametrize("objective", ["clm", "slm"])
+def test_chunked_head_loss_trains_like_full_logits(stores, corpus_scores, tmp_path, objective):
+    """--loss-impl auto (chunked loss from the head's input) and logits follow the same training run."""
+    kw = dict(max_tokens=6000, objective=objective, scores=str(corpus_scores.path), log_every=1)
+    runs = {}
+    for impl in ("auto", "logits"):
+        summary = train(_cfg(stores, tmp_path / impl, loss_impl=impl, **kw), progress=False)
+        runs[impl] = ([r for r in read_metrics(tmp_path / impl) if r["kind"] == "train"], summary)
+    (auto, auto_summary), (logits, logits_summary) = runs["auto"], runs["logits"]
+    assert (auto_summary["loss_path"], logits_summary["loss_path"]) == ("chunked", "logits")
+    assert [r["loss"] for r in auto] == pytest.approx([r["loss"] for r in logits], rel=1e-4)
+    assert [r["frac_selected"] for r in auto] == [r["frac_selected"] for r in logits]
+    assert auto_summary["eval/heldout/loss"] == pytest.approx(logits_summary["eval/heldout/loss"], rel=1e-4)
+
+
+def test_head_check_accepts_a_linear_head_and_refuses_soft_capping():
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from rho1.model import head_is_linear
+
+    ids = torch.randint(0, 100, (1, 12))
+    small = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=2, head_dim=16)
+    assert head_is_linear(LlamaForCausalLM(LlamaConfig(**small)), ids)
+    capped = Gemma2ForCausalLM(Gemma2Config(final_logit_softcapping=5.0, **small))
+    torch.nn.init.normal_(capped.lm_head.weight, std=2.0)  # logits well beyond the cap
+    assert not head_is_linear(capped, ids)

@@ -78,6 +78,9 @@ def _add_train(sub):
     p.add_argument("--max-tokens", type=int, help="token budget (dropped tokens count as seen)")
     p.add_argument("--seed", type=int)
     p.add_argument("--precision", choices=["no", "bf16", "fp16"])
+    p.add_argument("--loss-impl", choices=["auto", "logits"],
+                   help="auto: chunked loss from the head's input when the head is plain linear (less memory, no "
+                        "head backward for unselected tokens); logits: full logits (default auto)")
     p.add_argument("--eval-data", nargs="+", help="held-out TokenStores")
     p.add_argument("--eval-scores", nargs="+", help="ScoreStores of --eval-data, same order ('' for none)")
     p.add_argument("--eval-every", type=int, help="evaluate every N tokens")
@@ -127,7 +130,7 @@ def run_eval(args) -> dict:
     import numpy as np
 
     from rho1.data.store import ScoreStore, TokenStore
-    from rho1.evaluate import fixed_selection, summarize, token_losses
+    from rho1.evaluate import fixed_selection, linear_head_of, summarize, token_losses
     from rho1.model import check_model_fits, load_model
 
     model = load_model(args.model, args.trust_remote_code)
@@ -139,7 +142,8 @@ def run_eval(args) -> dict:
         store = TokenStore.open(path)
         check_model_fits(model, store, args.model)
         scores = ScoreStore.open(scores_path, store) if scores_path else None
-        losses = token_losses(model, store, args.seq_len, args.batch_size, progress=True, desc=Path(path).name)
+        losses = token_losses(model, store, args.seq_len, args.batch_size, progress=True, desc=Path(path).name,
+                              head_of=linear_head_of(model, store, args.seq_len))
         selected = None
         if scores is not None:
             selected = fixed_selection(losses, np.asarray(scores.scores, np.float32), args.ratio)

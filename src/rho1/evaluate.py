@@ -11,15 +11,44 @@ from tqdm.auto import tqdm
 
 from rho1.data.loader import make_batch
 from rho1.data.store import ScoreStore, TokenStore
-from rho1.selection import num_selected, select_top, token_cross_entropy
+from rho1.model import head_is_linear, without_head
+from rho1.selection import chunked_cross_entropy, num_selected, select_top, token_cross_entropy
+
+
+def linear_head_of(model, store: TokenStore, seq_len: int):
+    """``model`` when its logits are a plain linear head (checked on the store's first tokens), else None:
+    what ``head_of`` takes below."""
+    device = next(model.parameters()).device
+    sample = make_batch(store, np.arange(1), seq_len).input_ids[:, :32].to(device)
+    return model if head_is_linear(model, sample) else None
+
+
+def batch_token_losses(model, input_ids, labels, autocast=contextlib.nullcontext, head_of=None, dtype=None):
+    """Per-token losses of one batch (float32, shaped like ``labels``), no gradient.
+
+    ``head_of``: the (unwrapped) model, when its logits are a plain linear head (``rho1.model.head_is_linear``):
+    the losses are then computed from the head's input in chunks, without the ``[tokens x vocab]`` logits
+    (faster and smaller). ``dtype``: the head's compute dtype in that case (bf16/fp16 under mixed precision).
+    """
+    with torch.no_grad():
+        if head_of is None:
+            with autocast():
+                logits = model(input_ids=input_ids, use_cache=False).logits
+            return token_cross_entropy(logits, labels)
+        with without_head(head_of) as weight, autocast():
+            hidden = model(input_ids=input_ids, use_cache=False).logits
+        hidden = hidden.reshape(-1, hidden.shape[-1]).to(dtype or weight.dtype)
+        return chunked_cross_entropy(hidden, weight.to(hidden.dtype), labels.reshape(-1))[0].view_as(labels)
 
 
 @torch.no_grad()
 def token_losses(model, store: TokenStore, seq_len: int, batch_size: int = 16, windows=None,
-                 autocast=contextlib.nullcontext, progress: bool = False, desc: str = "loss") -> np.ndarray:
+                 autocast=contextlib.nullcontext, progress: bool = False, desc: str = "loss", head_of=None,
+                 dtype=None) -> np.ndarray:
     """Per-token loss of ``model`` over the store's windows: ``out[i]`` = loss of token i given its window.
 
     NaN where a token has no prediction (the first token of each window) or its window was not evaluated.
+    ``head_of`` and ``dtype`` as in ``batch_token_losses``.
     """
     was_training = model.training
     model.eval()
@@ -29,9 +58,7 @@ def token_losses(model, store: TokenStore, seq_len: int, batch_size: int = 16, w
     bar = tqdm(total=len(windows) * seq_len, desc=desc, unit="tok", unit_scale=True, disable=not progress)
     for i in range(0, len(windows), batch_size):
         batch = make_batch(store, windows[i : i + batch_size], seq_len).to(device)
-        with autocast():
-            logits = model(input_ids=batch.input_ids).logits
-        losses = token_cross_entropy(logits, batch.labels)
+        losses = batch_token_losses(model, batch.input_ids, batch.labels, autocast, head_of, dtype)
         keep = batch.positions >= 0
         out[batch.positions[keep].cpu().numpy()] = losses[keep].float().cpu().numpy()
         bar.update(int(batch.input_ids.numel()))

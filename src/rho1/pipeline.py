@@ -52,8 +52,19 @@ PRESETS = {
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
+    """Generate the demo corpora, then ``compare`` CLM, SLM and the random control on them."""
+    start = time.time()
+    files = demo_data.generate(Path(cfg.out) / "data", cfg.seed, cfg.n_reference, cfg.n_web, cfg.n_heldout,
+                               cfg.n_offtarget, cfg.math_share, cfg.wrong_share)
+    return compare(files, cfg, progress, {"data": round(time.time() - start, 2)})
+
+
+def compare(files: dict[str, Path], cfg: DemoConfig, progress: bool = True, seconds: dict | None = None) -> dict:
+    """Every stage on four files: ``web`` (jsonl, ``text``: the corpus to train on), ``reference`` and
+    ``heldout`` (jsonl, ``question``/``answer``: clean target-domain data and its held-out test), and
+    ``offtarget`` (jsonl, ``text``: held-out text outside the target domain). Writes summary.json."""
     out = Path(cfg.out)
-    seconds: dict[str, float] = {}
+    seconds = dict(seconds or {})
 
     def stage(name):
         if progress:
@@ -62,11 +73,6 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
 
     def done(name):
         seconds[name] = round(time.time() - seconds[name], 2)
-
-    stage("data")
-    files = demo_data.generate(out / "data", cfg.seed, cfg.n_reference, cfg.n_web, cfg.n_heldout, cfg.n_offtarget,
-                               cfg.math_share, cfg.wrong_share)
-    done("data")
 
     stage("prepare")
     stores = out / "stores"

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from rho1.accel import make_accelerator
 from rho1.data.store import SCORE_FORMAT, ScoreStore, TokenStore, read_manifest, sha256_file, write_json_atomic
-from rho1.evaluate import token_losses
+from rho1.evaluate import linear_head_of, token_losses
 from rho1.model import check_model_fits, load_model, model_hash
 
 
@@ -71,6 +72,8 @@ def score(cfg: ScoreConfig, progress: bool = True) -> ScoreStore:
         raise ValueError(f"--seq-len {cfg.seq_len} is longer than model {cfg.model} supports "
                          f"({model.config.max_position_embeddings}); pass a smaller --seq-len")
     model.to(accelerator.device)
+    head_of = linear_head_of(model, store, cfg.seq_len)  # when set, no [tokens x vocab] logits are made
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
 
     out = Path(cfg.out)
     n_windows = store.num_windows(cfg.seq_len)
@@ -99,7 +102,8 @@ def score(cfg: ScoreConfig, progress: bool = True) -> ScoreStore:
                disable=not (progress and accelerator.is_main_process))
     for chunk in mine:
         windows = np.arange(chunk * cfg.chunk_windows, min((chunk + 1) * cfg.chunk_windows, n_windows))
-        losses = token_losses(model, store, cfg.seq_len, cfg.batch_size, windows, autocast=accelerator.autocast)
+        losses = token_losses(model, store, cfg.seq_len, cfg.batch_size, windows, autocast=accelerator.autocast,
+                              head_of=head_of, dtype=dtype)
         lo = int(windows[0]) * cfg.seq_len
         hi = store.n_tokens if chunk == n_chunks - 1 else int(windows[-1] + 1) * cfg.seq_len
         scores[lo:hi] = losses[lo:hi].astype(np.float16)

@@ -196,6 +196,26 @@ def select_from_token_loss(
     return Selection(loss, loss_sum, mask, k, n_valid, token_loss.detach(), stats)
 
 
+def default_chunk_size(device: torch.device | str) -> int:
+    """Rows of logits computed at once: small on CPU, where the chunk should stay in cache, large on GPUs."""
+    return 128 if torch.device(device).type == "cpu" else 4096
+
+
+def _logits(buffer: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``h @ weight.T`` as float32. In float32 it is written into ``buffer``, reused chunk after chunk:
+    on CPU a fresh tensor of this size costs more in page faults than the matmul saves."""
+    if h.dtype == weight.dtype == buffer.dtype:
+        return torch.mm(h, weight.T, out=buffer[: h.shape[0]])
+    return (h @ weight.T).float()
+
+
+def _probs_minus_onehot_(logits, lse, labels):
+    """In place: softmax(logits) minus the one-hot label, d(cross-entropy)/d(logits)."""
+    probs = logits.sub_(lse[:, None]).exp_()
+    probs[torch.arange(labels.numel(), device=labels.device), labels] -= 1.0
+    return probs
+
+
 class _SelectedLinearCE(torch.autograd.Function):
     """Sum of cross-entropy over the selected rows of ``hidden @ weight.T``, never holding the full logits:
     the backward recomputes logits chunk by chunk for the selected rows only."""
@@ -211,34 +231,70 @@ class _SelectedLinearCE(torch.autograd.Function):
         hidden, weight, rows, labels, lse = ctx.saved_tensors
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        buffer = torch.empty(min(ctx.chunk_size, rows.numel()), weight.shape[0], device=hidden.device)
         for start in range(0, rows.numel(), ctx.chunk_size):
             idx = rows[start : start + ctx.chunk_size]
             h = hidden[idx]
-            probs = torch.exp((h @ weight.T).float() - lse[start : start + ctx.chunk_size, None])
-            probs[torch.arange(idx.numel(), device=idx.device), labels[start : start + ctx.chunk_size]] -= 1.0
-            grad_logits = probs * grad_out
+            logits = _logits(buffer, h, weight)
+            grad_logits = _probs_minus_onehot_(logits, lse[start : start + ctx.chunk_size],
+                                               labels[start : start + ctx.chunk_size]).mul_(grad_out)
             if grad_hidden is not None:
                 grad_hidden[idx] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += grad_logits.T @ h.float()
+                grad_weight.addmm_(grad_logits.T, h.float())
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
+class _PrecomputedLinearCE(torch.autograd.Function):
+    """Sum of cross-entropy over every valid row, whose gradient was computed during the chunked forward
+    (when every token is selected, nothing waits on the selection): the backward only scales it."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, loss_sum, grad_hidden, grad_weight):
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss_sum.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_out.to(grad_hidden.dtype), (grad_weight * grad_out).to(ctx.weight_dtype), None, None, None
+
+
 @torch.no_grad()
-def _chunked_token_loss(hidden, weight, labels, ignore_index, chunk_size):
-    """Per-token cross-entropy and log-sum-exp of ``hidden @ weight.T`` in chunks of rows (float32)."""
+def chunked_cross_entropy(hidden, weight, labels, ignore_index=-100, chunk_size=None, grad_rows=None):
+    """Per-token cross-entropy of ``hidden[n, d] @ weight[v, d].T`` against ``labels[n]``, computed
+    ``chunk_size`` rows at a time (float32, 0 where ignored), never holding the ``[n x v]`` logits.
+
+    Returns ``(losses, lse, grad_hidden, grad_weight)``: the log-sum-exp per row, and with ``grad_rows``
+    (bool per row) the gradient of those rows' loss sum for hidden and weight, computed in the same pass
+    (otherwise None)."""
+    chunk_size = chunk_size or default_chunk_size(hidden.device)
+    with_grad = grad_rows is not None
     losses = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
     lse = torch.zeros_like(losses)
+    grad_hidden = torch.zeros_like(hidden) if with_grad else None
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None
+    buffer = torch.empty(min(chunk_size, labels.numel()), weight.shape[0], device=hidden.device)
     for start in range(0, labels.numel(), chunk_size):
-        logits = (hidden[start : start + chunk_size] @ weight.T).float()
-        chunk_lse = torch.logsumexp(logits, dim=-1)
+        h = hidden[start : start + chunk_size]
         target = labels[start : start + chunk_size]
-        picked = logits.gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1)
+        safe_target = target.clamp(min=0)
+        logits = _logits(buffer, h, weight)
+        picked = logits.gather(1, safe_target.unsqueeze(1)).squeeze(1)
+        peak = logits.amax(dim=1)
+        chunk_lse = logits.sub_(peak[:, None]).exp_().sum(dim=1).log_().add_(peak)  # logits now hold exp(l - peak)
         losses[start : start + chunk_size] = torch.where(target != ignore_index, chunk_lse - picked, 0.0)
         lse[start : start + chunk_size] = chunk_lse
-    return losses, lse
+        if with_grad:
+            probs = logits.mul_(torch.exp(peak - chunk_lse)[:, None])  # softmax
+            probs[torch.arange(target.numel(), device=target.device), safe_target] -= 1.0
+            grad_logits = probs.mul_(grad_rows[start : start + chunk_size, None])
+            grad_hidden[start : start + chunk_size] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            grad_weight.addmm_(grad_logits.T, h.float())
+    return losses, lse, grad_hidden, grad_weight
 
 
 def selective_linear_cross_entropy(
@@ -250,7 +306,9 @@ def selective_linear_cross_entropy(
     score: str = "excess",
     ignore_index: int = -100,
     generator: torch.Generator | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
+    gather=None,
+    rank: int = 0,
 ) -> Selection:
     """``selective_loss`` computed from the LM head's input instead of its output.
 
@@ -258,17 +316,30 @@ def selective_linear_cross_entropy(
     ``ref_loss`` shaped like ``hidden.shape[:-1]``. Per-token losses are computed ``chunk_size`` rows at a
     time without keeping the ``[tokens x vocab]`` logits, and the backward produces gradient only through
     the selected tokens (for hidden states and the head weight). Same selection and result as
-    ``selective_loss(hidden @ weight.T, labels, ref_loss, ...)``.
+    ``selective_loss(hidden @ weight.T, labels, ref_loss, ...)``; ``gather``/``rank`` as in
+    ``select_from_token_loss``. At ``ratio=1`` (plain causal LM) the gradient is computed in the forward
+    pass instead of recomputing the logits in the backward.
     """
-    check_inputs(ratio, score, ref_loss, labels)
+    ratio = check_inputs(ratio, score, ref_loss, labels)
+    if weight.dtype != hidden.dtype:  # e.g. bf16 activations from autocast and a float32 head
+        weight = weight.to(hidden.dtype)
     shape = labels.shape
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
-    token_loss, lse = _chunked_token_loss(flat_hidden, weight, flat_labels, ignore_index, chunk_size)
+    # every valid token is kept at ratio 1, so the selected rows are known before the forward
+    every_token = ratio >= 1.0 and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    valid = valid_mask(flat_labels, None if ref_loss is None else ref_loss.reshape(-1), ignore_index)
+    chunk_size = chunk_size or default_chunk_size(hidden.device)
+    token_loss, lse, grad_hidden, grad_weight = chunked_cross_entropy(flat_hidden, weight, flat_labels, ignore_index,
+                                                                      chunk_size, valid if every_token else None)
     token_loss = token_loss.view(shape)
-    picked = select_from_token_loss(token_loss, labels, ref_loss, ratio, score, ignore_index, generator)
-    rows = picked.mask.reshape(-1).nonzero(as_tuple=True)[0]
-    loss_sum = _SelectedLinearCE.apply(flat_hidden, weight, rows, flat_labels[rows], lse[rows],
-                                       token_loss.reshape(-1)[rows].sum(), chunk_size)
+    picked = select_from_token_loss(token_loss, labels, ref_loss, ratio, score, ignore_index, generator, gather, rank)
+    if every_token:
+        loss_sum = _PrecomputedLinearCE.apply(flat_hidden, weight, token_loss.reshape(-1)[valid].sum(),
+                                              grad_hidden, grad_weight)
+    else:
+        rows = picked.mask.reshape(-1).nonzero(as_tuple=True)[0]
+        loss_sum = _SelectedLinearCE.apply(flat_hidden, weight, rows, flat_labels[rows], lse[rows],
+                                           token_loss.reshape(-1)[rows].sum(), chunk_size)
     return Selection(loss_sum / max(picked.n_selected, 1), loss_sum, picked.mask, picked.n_selected, picked.n_valid,
                      token_loss, picked.stats)

@@ -18,19 +18,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
 
 from rho1.accel import make_accelerator
 from rho1.data.loader import WindowOrder, make_batch
 from rho1.data.store import ScoreStore, TokenStore, sha256_file
-from rho1.evaluate import fixed_selection, summarize, token_losses
-from rho1.model import build_model, check_model_fits, load_model, save_checkpoint
+from rho1.evaluate import fixed_selection, linear_head_of, summarize, token_losses
+from rho1.model import build_model, check_model_fits, load_model, save_checkpoint, without_head
 from rho1.selection import (
     check_ratio,
     check_score,
     num_selected,
     select_from_token_loss,
+    selective_linear_cross_entropy,
     token_cross_entropy,
     valid_mask,
 )
@@ -68,6 +69,9 @@ class TrainConfig:
     resume: bool = False  # continue from the newest complete checkpoint in `out`
     skip_nonfinite: bool = False  # skip a step whose loss or gradient is NaN/inf instead of stopping
     log_every: int = 1  # steps
+    # auto: the loss from the LM head's input in chunks (no [tokens x vocab] logits, no head backward for
+    # unselected tokens) when the model's logits are a plain linear head; logits: always the full logits
+    loss_impl: str = "auto"
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -80,6 +84,8 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.objective == "slm" and cfg.scores is None and cfg.score in ("excess", "reference"):
         raise ValueError(f"--objective slm with --score {cfg.score} needs reference losses; pass --scores SCORE_STORE "
                          "(made by `rho1 score`)")
+    if cfg.loss_impl not in ("auto", "logits"):
+        raise ValueError(f"--loss-impl must be auto or logits, got {cfg.loss_impl!r}")
     if cfg.eval_scores and len(cfg.eval_scores) != len(cfg.eval_data):
         raise ValueError(f"--eval-scores names {len(cfg.eval_scores)} stores but --eval-data {len(cfg.eval_data)}; "
                          "give one per eval store, '' where there is none")
@@ -148,6 +154,7 @@ class Evaluator:
 
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator):
         self.cfg, self.accelerator = cfg, accelerator
+        self.head_of = None  # set by train() to the unwrapped model when its head is plain linear
         self.stores = [TokenStore.open(p).verify() for p in cfg.eval_data]
         scores = cfg.eval_scores or [""] * len(self.stores)
         self.scores = [ScoreStore.open(s, st).verify() if s else None for s, st in zip(scores, self.stores)]
@@ -169,7 +176,8 @@ class Evaluator:
             n = store.num_windows(self.cfg.seq_len)
             windows = np.arange(min(n, self.cfg.eval_max_windows) if self.cfg.eval_max_windows else n)
             losses = token_losses(model, store, self.cfg.seq_len, self.cfg.batch_size, windows,
-                                  autocast=self.accelerator.autocast)
+                                  autocast=self.accelerator.autocast, head_of=self.head_of,
+                                  dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision))
             if scores is not None and self.selected[i] is None:
                 self.selected[i] = fixed_selection(losses, np.asarray(scores.scores, np.float32), self.cfg.ratio)
                 if self.accelerator.is_main_process:
@@ -204,6 +212,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     optimizer = make_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    unwrapped = accelerator.unwrap_model(model)
+    # FSDP/DeepSpeed shard the head weight outside the forward: they keep the full-logits path
+    chunked_head = (cfg.loss_impl == "auto" and accelerator.distributed_type in
+                    (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+                    and linear_head_of(unwrapped, store, cfg.seq_len) is not None)
+    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    evaluator.head_of = unwrapped if chunked_head else None
 
     n_proc, rank = accelerator.num_processes, accelerator.process_index
     windows_per_step = cfg.batch_size * cfg.grad_accum * n_proc
@@ -289,6 +304,20 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         if progress and accelerator.is_main_process:
             print(f"train: skipped a step: {message}")
 
+    def micro_selection(batch, ref_loss, ratio: float, score: str, generator=None):
+        """Forward one micro-batch and select its tokens; the loss keeps the graph."""
+        if chunked_head:
+            with without_head(unwrapped) as weight, accelerator.autocast():
+                hidden = model(input_ids=batch.input_ids).logits
+            if compute_dtype is not None:
+                hidden = hidden.to(compute_dtype)
+            return selective_linear_cross_entropy(hidden, weight, batch.labels, ref_loss, ratio, score,
+                                                  generator=generator, gather=gather, rank=rank)
+        with accelerator.autocast():
+            logits = model(input_ids=batch.input_ids).logits
+        return select_from_token_loss(token_cross_entropy(logits, batch.labels), batch.labels, ref_loss, ratio, score,
+                                      generator=generator, gather=gather, rank=rank)
+
     start_time = time.time()
     last_eval = evaluate(0, 0) if resume_from is None else {}
     first_step, first_tokens = step, tokens
@@ -316,19 +345,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         step_loss = torch.zeros((), device=accelerator.device)
         grad_norm = None
         for m, batch in enumerate(micro):
-            with accelerator.autocast():
-                logits = model(input_ids=batch.input_ids).logits
-            token_loss = token_cross_entropy(logits, batch.labels)
             if selecting:
                 generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * cfg.grad_accum + m)
-                selection = select_from_token_loss(token_loss, batch.labels, batch.ref_loss, ratio, cfg.score,
-                                                   generator=generator, gather=gather, rank=rank)
+                selection = micro_selection(batch, batch.ref_loss, ratio, cfg.score, generator)
                 stats = selection.stats
             else:
-                selection = select_from_token_loss(token_loss, batch.labels, None, 1.0, "learner")
+                selection = micro_selection(batch, None, 1.0, "learner")
                 stats = selection.stats
                 if batch.ref_loss is not None:  # CLM with scores: log what SLM would have kept
-                    shadow = select_from_token_loss(token_loss.detach(), batch.labels, batch.ref_loss, cfg.ratio)
+                    shadow = select_from_token_loss(selection.token_loss, batch.labels, batch.ref_loss, cfg.ratio)
                     stats = {**shadow.stats, "frac_selected": 1.0}
             loss = selection.loss_sum * n_proc / step_selected
             if not all_finite(accelerator, loss):
@@ -371,7 +396,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     seconds = time.time() - start_time
     summary = {"tokens": tokens, "steps": total_steps, "seconds": seconds,
                "tokens_per_second": (tokens - first_tokens) / seconds,
-               "parameters": n_params, **last_eval}
+               "parameters": n_params, "loss_path": "chunked" if chunked_head else "logits", **last_eval}
     if accelerator.is_main_process:
         metrics_file.close()
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
