@@ -5,8 +5,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
+# the browser test drives Debian's Chromium (never a browser downloaded by a test tool)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo demo-quick test lint clean
+.PHONY: demo demo-quick test lint clean chromium
 
 $(BIN)/rho1: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +22,11 @@ demo: $(BIN)/rho1
 demo-quick: $(BIN)/rho1
 	$(BIN)/rho1 demo --preset quick --out runs/demo-quick
 
-test: $(BIN)/rho1
+chromium:
+	@command -v chromium >/dev/null 2>&1 || test -n "$$RHO1_CHROMIUM" || \
+		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null)
+
+test: $(BIN)/rho1 chromium
 	$(BIN)/python -m pytest
 
 lint: $(BIN)/rho1

@@ -22,7 +22,12 @@ def test_quick_demo_runs_every_stage_end_to_end(tmp_path, capsys):
         assert math.isfinite(summary["final_offtarget_loss"][run])
         assert (out / run / "final" / "model.safetensors").is_file()
     assert set(summary["stage_seconds"]) == {"data", "prepare", "base", "reference", "score", "train clm",
-                                             "train slm", "train random"}
+                                             "train slm", "train random", "report"}
+    # the demo ends with the HTML report: runs, plots, dynamics of CLM and SLM, the viewer excerpt
+    report = (out / "report.html").read_text()
+    assert str((out / "report.html").resolve()) in printed
+    assert report.count("<img") >= 8 and "Token dynamics: clm" in report and "Token dynamics: slm" in report
+    assert report.count('class="t selected"') > 0 and 'data-mode="tendency"' in report
     # the three runs saw the same tokens in the same order
     assert len({json.loads((out / r / "summary.json").read_text())["tokens"] for r in ("clm", "slm", "random")}) == 1
 

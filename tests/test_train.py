@@ -112,3 +112,26 @@ def test_head_check_accepts_a_linear_head_and_refuses_soft_capping():
     capped = Gemma2ForCausalLM(Gemma2Config(final_logit_softcapping=5.0, **small))
     torch.nn.init.normal_(capped.lm_head.weight, std=2.0)  # logits well beyond the cap
     assert not head_is_linear(capped, ids)
+
+
+def test_online_reference_selects_what_stored_scores_select(stores, reference_model, tmp_path):
+    """--reference MODEL (losses computed in the loop) and --scores of the same model, scored with the
+    same windows and batch size, select the same tokens: the same training run, step for step."""
+    from rho1.score import ScoreConfig, score
+
+    scores = score(ScoreConfig(str(stores["corpus"].path), str(reference_model), str(tmp_path / "scores"), SEQ_LEN,
+                               batch_size=8), progress=False)
+    kw = dict(max_tokens=6000, objective="slm", log_every=1, eval_every=3072)
+    offline = train(_cfg(stores, tmp_path / "offline", scores=str(scores.path), **kw), progress=False)
+    online = train(_cfg(stores, tmp_path / "online", reference=str(reference_model), **kw), progress=False)
+    steps = {name: [r for r in read_metrics(tmp_path / name) if r["kind"] == "train"] for name in ("offline", "online")}
+    for key in ("loss", "excess_loss_selected", "ref_loss_selected", "ref_loss_unselected"):
+        assert [r[key] for r in steps["online"]] == pytest.approx([r[key] for r in steps["offline"]], rel=1e-6), key
+    assert online["eval/heldout/loss"] == pytest.approx(offline["eval/heldout/loss"], rel=1e-6)
+    assert math.isfinite(online["eval/heldout/ref_loss"])  # held-out reference losses from the online model
+
+
+def test_scores_and_reference_together_are_refused(stores, corpus_scores, reference_model, tmp_path):
+    with pytest.raises(ValueError, match="either --scores .* or --reference"):
+        train(_cfg(stores, tmp_path / "x", objective="slm", scores=str(corpus_scores.path),
+                   reference=str(reference_model)), progress=False)

@@ -56,10 +56,16 @@ def _add_prepare(sub):
 
 def _add_train(sub):
     p = sub.add_parser("train", help="train a causal LM with the CLM or SLM objective")
-    p.add_argument("--data", help="TokenStore to train on")
     p.add_argument("--out", "-o", help="run directory")
     p.add_argument("--objective", choices=["clm", "slm"])
+    _train_options(p)
+
+
+def _train_options(p):
+    """The options `train` and `sweep` share."""
+    p.add_argument("--data", help="TokenStore to train on")
     p.add_argument("--scores", help="ScoreStore of --data (from `rho1 score`)")
+    p.add_argument("--reference", help="instead of --scores: reference model (HF name or path) run in the loop")
     p.add_argument("--ratio", type=float, help="fraction of tokens SLM keeps, in (0, 1] (default 0.6)")
     p.add_argument("--score", choices=["excess", "reference", "learner", "random"], help="selection score")
     p.add_argument("--selection-scope", choices=["micro", "global"],
@@ -92,6 +98,52 @@ def _add_train(sub):
                    help="continue from the newest complete checkpoint in --out (same command plus this flag)")
     p.add_argument("--skip-nonfinite", action="store_true", default=None,
                    help="skip a step whose loss or gradient is NaN/inf instead of stopping")
+
+
+def _add_sweep(sub):
+    p = sub.add_parser("sweep", help="SLM at several ratios and with each score function; table and plot (Fig. 9)")
+    p.add_argument("--out", "-o", default="runs/sweep", help="sweep directory (one run per folder)")
+    p.add_argument("--ratios", type=float, nargs="+", help="selection ratios (default 0.2 0.4 0.6 0.8 1.0)")
+    p.add_argument("--score-functions", nargs="+", choices=["excess", "reference", "learner", "random"],
+                   help="score functions compared at --ablation-ratio (default all)")
+    p.add_argument("--ablation-ratio", type=float, default=0.6)
+    p.add_argument("--target", help="eval metric to compare (default: the first eval store's target_loss)")
+    _train_options(p)
+
+
+def _add_dynamics(sub):
+    p = sub.add_parser("dynamics", help="per-token held-out losses over a run's checkpoints and the four classes")
+    p.add_argument("run", help="run directory of `rho1 train` (saved with --save-every and --keep-last 0)")
+    p.add_argument("--data", required=True, help="held-out TokenStore")
+    p.add_argument("--out", "-o", help="output folder (default RUN/dynamics)")
+    p.add_argument("--seq-len", type=int, help="default: the run's")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-windows", type=int, help="held-out windows evaluated (default 64, 0 = all)")
+    p.add_argument("--threshold", type=float, help="|dL| above which a token is H->L or L->H (default 0.2)")
+    p.add_argument("--no-start", dest="include_start", action="store_false", default=None,
+                   help="leave out the model the run started from")
+
+
+def _add_view(sub):
+    p = sub.add_parser("view", help="HTML page of text with each token coloured by its selection")
+    p.add_argument("--data", help="TokenStore whose text is shown (corpus or held-out)")
+    p.add_argument("--model", nargs="+", help="one model, or several checkpoints side by side (selection tendency)")
+    p.add_argument("--run", help="instead of --model: the run's checkpoints at 0/33/66/100%% of training")
+    p.add_argument("--scores", help="ScoreStore of --data (reference losses)")
+    p.add_argument("--reference", help="instead of --scores: a reference model run on --data")
+    p.add_argument("--out", "-o", help="HTML file to write (default view.html)")
+    p.add_argument("--ratio", type=float)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--windows", type=int, help="windows of --seq-len tokens shown (default 2)")
+    p.add_argument("--start", type=int, help="first window shown")
+
+
+def _add_report(sub):
+    p = sub.add_parser("report", help="one self-contained HTML file comparing runs")
+    p.add_argument("runs", nargs="+", help="run directories of `rho1 train`")
+    p.add_argument("--out", "-o", help="HTML file to write (default report.html)")
+    p.add_argument("--target", help="eval metric compared (default: the first eval store's target_loss)")
+    p.add_argument("--baseline", help="run (folder name) token efficiency is measured against (default: first CLM)")
 
 
 def _add_score(sub):
@@ -147,7 +199,7 @@ def run_eval(args) -> dict:
         selected = None
         if scores is not None:
             selected = fixed_selection(losses, np.asarray(scores.scores, np.float32), args.ratio)
-        results[Path(path).name] = summarize(losses, store, scores, selected)
+        results[Path(path).name] = summarize(losses, store, None if scores is None else scores.scores, selected)
     print(json.dumps(results, indent=2))
     return results
 
@@ -155,7 +207,8 @@ def run_eval(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rho1", description="Selective Language Modeling (Rho-1)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_prepare, _add_train, _add_score, _add_eval, _add_demo):
+    for add in (_add_prepare, _add_train, _add_score, _add_eval, _add_sweep, _add_dynamics, _add_view, _add_report,
+                _add_demo):
         add(sub)
     for p in sub.choices.values():
         p.add_argument("--config", help="YAML file of options (flags override it)")
@@ -182,6 +235,28 @@ def main(argv: list[str] | None = None) -> int:
             score(_build(ScoreConfig, args))
         elif args.command == "eval":
             run_eval(args)
+        elif args.command == "sweep":
+            from rho1.sweep import SweepConfig, sweep
+            from rho1.train import TrainConfig
+
+            keys = ("ratios", "score_functions", "ablation_ratio", "target")
+            sweep(SweepConfig(train=_build(TrainConfig, argparse.Namespace(
+                **{k: v for k, v in vars(args).items() if k not in ("out", *keys)})), out=args.out,
+                **{k: getattr(args, k) for k in keys if getattr(args, k) is not None}))
+        elif args.command == "dynamics":
+            from rho1.analysis.dynamics import DynamicsConfig, compute_dynamics
+
+            compute_dynamics(_build(DynamicsConfig, args))
+        elif args.command == "view":
+            from rho1.analysis.viewer import ViewConfig, run_checkpoint_columns, view
+
+            if args.run:
+                args.model = run_checkpoint_columns(args.run)
+            view(_build(ViewConfig, args))
+        elif args.command == "report":
+            from rho1.analysis.report import ReportConfig, report
+
+            report(_build(ReportConfig, args))
         elif args.command == "demo":
             from rho1.pipeline import DemoConfig, run_demo
 

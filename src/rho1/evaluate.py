@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rho1.data.loader import make_batch
-from rho1.data.store import ScoreStore, TokenStore
+from rho1.data.store import TokenStore
 from rho1.model import head_is_linear, without_head
 from rho1.selection import chunked_cross_entropy, num_selected, select_top, token_cross_entropy
 
@@ -80,15 +80,16 @@ def _mean(values: np.ndarray, where: np.ndarray) -> float:
     return float(values[where].mean()) if where.any() else math.nan
 
 
-def summarize(losses: np.ndarray, store: TokenStore, scores: ScoreStore | None = None,
+def summarize(losses: np.ndarray, store: TokenStore, ref: np.ndarray | None = None,
               selected: np.ndarray | None = None) -> dict:
-    """Mean loss on all evaluated tokens, on target tokens, and on selected / unselected tokens."""
+    """Mean loss on all evaluated tokens, on target tokens, and on selected / unselected tokens.
+    ``ref``: the reference model's per-token losses of the store (e.g. a ScoreStore's scores)."""
     evaluated = np.isfinite(losses)
     metrics = {"loss": _mean(losses, evaluated), "tokens": int(evaluated.sum())}
     if store.target_mask is not None:
         metrics["target_loss"] = _mean(losses, evaluated & (np.asarray(store.target_mask) > 0))
-    if scores is not None:
-        ref = np.asarray(scores.scores, dtype=np.float32)
+    if ref is not None:
+        ref = np.asarray(ref, dtype=np.float32)
         metrics["ref_loss"] = _mean(ref, evaluated)
         if selected is not None:
             metrics["selected_loss"] = _mean(losses, evaluated & selected)

@@ -13,6 +13,9 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from rho1.analysis.dynamics import DynamicsConfig, compute_dynamics
+from rho1.analysis.report import ReportConfig, report
+from rho1.analysis.viewer import ViewConfig, build_view, run_checkpoint_columns
 from rho1.data import demo as demo_data
 from rho1.data.prepare import PrepareConfig, prepare
 from rho1.evaluate import read_curve, token_efficiency
@@ -111,6 +114,7 @@ def compare(files: dict[str, Path], cfg: DemoConfig, progress: bool = True, seco
     done("score")
 
     eval_every = max(step_tokens, (cfg.train_tokens // cfg.eval_points) // step_tokens * step_tokens)
+    save_every = max(step_tokens, (cfg.train_tokens // 6) // step_tokens * step_tokens)  # checkpoints for dynamics
     runs = {"clm": dict(objective="clm"), "slm": dict(objective="slm", score="excess"),
             "random": dict(objective="slm", score="random")}
     summaries = {}
@@ -119,7 +123,8 @@ def compare(files: dict[str, Path], cfg: DemoConfig, progress: bool = True, seco
         summaries[name] = train(replace(common, data=str(corpus.path), out=str(out / name), scores=str(corpus_scores.path),
                                         max_tokens=cfg.train_tokens, eval_every=eval_every,
                                         eval_data=[str(heldout.path), str(offtarget.path)],
-                                        eval_scores=[str(heldout_scores.path), ""], **overrides), progress)
+                                        eval_scores=[str(heldout_scores.path), ""], save_every=save_every,
+                                        keep_last=0, **overrides), progress)
         done(f"train {name}")
 
     target_key, off_key = "eval/heldout/target_loss", "eval/offtarget/loss"
@@ -144,10 +149,33 @@ def compare(files: dict[str, Path], cfg: DemoConfig, progress: bool = True, seco
         "stage_seconds": seconds,
         "config": cfg.__dict__,
     }
+    stage("report")
+    summary["report"] = write_report(out, heldout.path, corpus.path, corpus_scores.path, cfg, progress)
+    done("report")
+    summary["stage_seconds"] = seconds
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if progress:
         print_table(summary, out)
     return summary
+
+
+def write_report(out: Path, heldout: Path, corpus: Path, corpus_scores: Path, cfg: DemoConfig,
+                 progress: bool = True) -> str:
+    """Token dynamics of the CLM and SLM runs on the held-out problems, a viewer excerpt of the web corpus,
+    and the HTML report of the three runs."""
+    for name in ("clm", "slm"):
+        compute_dynamics(DynamicsConfig(run=str(out / name), data=str(heldout), max_windows=64), progress=False)
+    common = dict(data=str(corpus), scores=str(corpus_scores), ratio=cfg.ratio, seq_len=cfg.seq_len, windows=1)
+    start_model = str(out / "base" / "final") if cfg.base_tokens else run_checkpoint_columns(str(out / "slm"))[0]
+    selection, _ = build_view(ViewConfig(model=[start_model], **common))
+    tendency, _ = build_view(ViewConfig(model=run_checkpoint_columns(str(out / "slm")), **common))
+    viewer = (f"<h3>Tokens SLM trains on at its first step (top {cfg.ratio:.0%} by excess loss)</h3>{selection}"
+              f"<h3>Selection tendency over the SLM run (checkpoints at 0/33/66/100%)</h3>{tendency}")
+    result = report(ReportConfig(runs=[str(out / n) for n in ("clm", "slm", "random")], out=str(out / "report.html"),
+                                 target="eval/heldout/target_loss"), viewer, progress=False)
+    if progress:
+        print(f"report: {Path(result['path']).resolve()}")
+    return result["path"]
 
 
 def _fmt_eff(value: float, reached: bool) -> str:
@@ -174,3 +202,4 @@ def print_table(summary: dict, out: Path) -> None:
     if not math.isnan(summary["token_efficiency"]) and summary["token_efficiency"] < 1.0:
         print("SLM did not beat CLM on this run: the table reports it as measured.")
     print(f"summary: {out / 'summary.json'}")
+    print(f"report (open in a browser): {Path(summary['report']).resolve()}")

@@ -22,9 +22,9 @@ from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
 
 from rho1.accel import make_accelerator
-from rho1.data.loader import WindowOrder, make_batch
+from rho1.data.loader import IGNORE_INDEX, WindowOrder, make_batch
 from rho1.data.store import ScoreStore, TokenStore, sha256_file
-from rho1.evaluate import fixed_selection, linear_head_of, summarize, token_losses
+from rho1.evaluate import batch_token_losses, fixed_selection, linear_head_of, summarize, token_losses
 from rho1.model import build_model, check_model_fits, load_model, save_checkpoint, without_head
 from rho1.selection import (
     check_ratio,
@@ -43,6 +43,7 @@ class TrainConfig:
     out: str = "runs/train"
     objective: str = "clm"  # clm | slm
     scores: str | None = None  # ScoreStore of `data` (needed for slm, optional for clm: logs what slm would keep)
+    reference: str | None = None  # instead of --scores: a reference model whose losses are computed in the loop
     ratio: float = 0.6
     score: str = "excess"  # excess | reference | learner | random
     selection_scope: str = "micro"  # micro: rank each process's micro-batch; global: all processes' at once
@@ -81,9 +82,12 @@ def check_config(cfg: TrainConfig) -> None:
     check_score(cfg.score)
     if cfg.selection_scope not in ("micro", "global"):
         raise ValueError(f"--selection-scope must be micro or global, got {cfg.selection_scope!r}")
-    if cfg.objective == "slm" and cfg.scores is None and cfg.score in ("excess", "reference"):
+    if cfg.scores and cfg.reference:
+        raise ValueError("pass either --scores (stored reference losses) or --reference (a reference model run in the "
+                         "loop), not both")
+    if cfg.objective == "slm" and not (cfg.scores or cfg.reference) and cfg.score in ("excess", "reference"):
         raise ValueError(f"--objective slm with --score {cfg.score} needs reference losses; pass --scores SCORE_STORE "
-                         "(made by `rho1 score`)")
+                         "(made by `rho1 score`) or --reference MODEL")
     if cfg.loss_impl not in ("auto", "logits"):
         raise ValueError(f"--loss-impl must be auto or logits, got {cfg.loss_impl!r}")
     if cfg.eval_scores and len(cfg.eval_scores) != len(cfg.eval_data):
@@ -147,6 +151,13 @@ def read_training_state(path: Path) -> dict:
     return state
 
 
+def online_reference_loss(ref_model, head_of, batch, autocast, dtype=None) -> torch.Tensor:
+    """The reference model's loss of each label of a batch, as a ScoreStore would hold it: NaN where there
+    is no label, rounded to float16 like stored scores, so online and offline select the same tokens."""
+    losses = batch_token_losses(ref_model, batch.input_ids, batch.labels, autocast, head_of, dtype)
+    return torch.where(batch.labels != IGNORE_INDEX, losses.half().float(), torch.nan)
+
+
 class Evaluator:
     """Held-out metrics at a checkpoint. The selected/unselected split of each held-out store is fixed
     at the first evaluation (top ``ratio`` by excess loss of the starting model), so the curves of
@@ -157,11 +168,14 @@ class Evaluator:
         self.head_of = None  # set by train() to the unwrapped model when its head is plain linear
         self.stores = [TokenStore.open(p).verify() for p in cfg.eval_data]
         scores = cfg.eval_scores or [""] * len(self.stores)
-        self.scores = [ScoreStore.open(s, st).verify() if s else None for s, st in zip(scores, self.stores)]
-        for s in self.scores:
+        score_stores = [ScoreStore.open(s, st).verify() if s else None for s, st in zip(scores, self.stores)]
+        for s in score_stores:
             if s is not None and s.seq_len != cfg.seq_len:
                 raise ValueError(f"eval scores {s.path} use windows of {s.seq_len} tokens but --seq-len is "
                                  f"{cfg.seq_len}; rescore with --seq-len {cfg.seq_len}")
+        # per-token reference losses of each held-out store; with an online reference model, computed once
+        self.refs = [None if s is None else np.asarray(s.scores, np.float32) for s in score_stores]
+        self.reference = None  # set by train() to (model, head_of) when --reference is given
         self.names = [Path(p).name for p in cfg.eval_data]
         self.selected: list[np.ndarray | None] = [None] * len(self.stores)
         # kept in the run directory so a resumed run compares the same tokens
@@ -172,18 +186,22 @@ class Evaluator:
 
     def __call__(self, model) -> dict:
         metrics = {}
-        for i, (name, store, scores) in enumerate(zip(self.names, self.stores, self.scores)):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision)
+        for i, (name, store) in enumerate(zip(self.names, self.stores)):
             n = store.num_windows(self.cfg.seq_len)
             windows = np.arange(min(n, self.cfg.eval_max_windows) if self.cfg.eval_max_windows else n)
             losses = token_losses(model, store, self.cfg.seq_len, self.cfg.batch_size, windows,
-                                  autocast=self.accelerator.autocast, head_of=self.head_of,
-                                  dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision))
-            if scores is not None and self.selected[i] is None:
-                self.selected[i] = fixed_selection(losses, np.asarray(scores.scores, np.float32), self.cfg.ratio)
+                                  autocast=self.accelerator.autocast, head_of=self.head_of, dtype=dtype)
+            if self.refs[i] is None and self.reference is not None:
+                ref_model, ref_head = self.reference
+                self.refs[i] = token_losses(ref_model, store, self.cfg.seq_len, self.cfg.batch_size, windows,
+                                            autocast=self.accelerator.autocast, head_of=ref_head, dtype=dtype)
+            if self.refs[i] is not None and self.selected[i] is None:
+                self.selected[i] = fixed_selection(losses, self.refs[i], self.cfg.ratio)
                 if self.accelerator.is_main_process:
                     self.selected_paths[i].parent.mkdir(parents=True, exist_ok=True)
                     np.save(self.selected_paths[i], self.selected[i], allow_pickle=False)
-            for key, value in summarize(losses, store, scores, self.selected[i]).items():
+            for key, value in summarize(losses, store, self.refs[i], self.selected[i]).items():
                 metrics[f"eval/{name}/{key}"] = value
         return metrics
 
@@ -207,6 +225,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     if cfg.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's {model.config.max_position_embeddings} positions")
     evaluator = Evaluator(cfg, accelerator)
+    ref_model = ref_head = None
+    if cfg.reference:
+        ref_model = load_model(cfg.reference, cfg.trust_remote_code).to(accelerator.device).eval().requires_grad_(False)
+        check_model_fits(ref_model, store, cfg.reference)
+        ref_head = linear_head_of(ref_model, store, cfg.seq_len)
+        evaluator.reference = (ref_model, ref_head)
 
     torch.manual_seed(cfg.seed)
     optimizer = make_optimizer(model, cfg)
@@ -331,6 +355,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         step_windows = order.take(step * windows_per_step, windows_per_step)
         micro = [make_batch(store, step_windows[(m * n_proc + rank) * cfg.batch_size:][: cfg.batch_size],
                             cfg.seq_len, scores).to(accelerator.device) for m in range(cfg.grad_accum)]
+        if ref_model is not None:
+            for batch in micro:
+                batch.ref_loss = online_reference_loss(ref_model, ref_head, batch, accelerator.autocast, compute_dtype)
         # One selection covers one micro-batch: this process's (micro scope) or the same micro-batch index
         # on every process (global scope). The loss is normalised by the tokens selected over the whole
         # step (all micro-batches, all processes), so accumulation and data parallelism keep the objective.

@@ -1,0 +1,1 @@
+"""Analyses of a run: token-loss dynamics over checkpoints, the token viewer, plots and the HTML report."""

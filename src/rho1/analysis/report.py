@@ -1,0 +1,166 @@
+"""`rho1 report RUN...`: one self-contained HTML file comparing training runs.
+
+Target loss against tokens (Rho-1 Fig. 1 / 6b), held-out loss of the tokens the reference selects and of
+the others (Fig. 6a, 6c), fraction selected and mean excess loss per step, the token dynamics of runs
+that have them (`rho1 dynamics`, Fig. 3), a viewer excerpt, and a summary table with token efficiency
+against the first run (or the first CLM run). Plots are inline PNG data URIs; the page loads nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+import numpy as np
+import yaml
+from markupsafe import Markup
+
+from rho1.analysis.dynamics import CLASSES, Dynamics, classify
+from rho1.analysis.plots import figure, to_data_uri
+from rho1.analysis.viewer import render_page
+from rho1.evaluate import read_curve, token_efficiency
+
+BODY = jinja2.Template("""\
+<p>{{ runs|length }} run(s); token efficiency = tokens the baseline (<b>{{ baseline }}</b>) needs to reach its own
+final {{ target_name }} divided by the tokens the run needs to reach it (dropped tokens count as seen).</p>
+<h2>Summary</h2>
+<table class="summary"><tr><th>run</th><th>objective</th><th>ratio</th><th>score</th><th>tokens</th>
+{% for key in metric_names %}<th>{{ key[5:] if key.startswith("eval/") else key }}</th>{% endfor %}<th>token efficiency</th></tr>
+{% for r in rows %}<tr><td>{{ r.name }}</td><td>{{ r.objective }}</td><td>{{ r.ratio }}</td><td>{{ r.score }}</td>
+<td>{{ "{:,}".format(r.tokens) }}</td>{% for key in metric_names %}<td>{{ r.metrics.get(key, "") }}</td>{% endfor %}
+<td>{{ r.efficiency }}</td></tr>
+{% endfor %}</table>
+{% for fig in figures %}<figure><img src="{{ fig.uri }}" alt="{{ fig.title }}"></figure>
+{% endfor %}
+{% for d in dynamics %}<h2>Token dynamics: {{ d.run }}</h2>
+<table class="dynamics"><tr><th>class</th>{% for c in classes %}<th>{{ c }}</th>{% endfor %}</tr>
+<tr><td>share of {{ "{:,}".format(d.tokens) }} held-out tokens</td>{% for c in classes %}<td>{{ "%.1f%%" % (d.shares[c] * 100) }}</td>{% endfor %}</tr></table>
+{% for uri in d.plots %}<figure><img src="{{ uri }}" alt="token dynamics"></figure>{% endfor %}
+{% endfor %}
+{% if viewer %}<h2>Which tokens are selected</h2>{{ viewer }}{% endif %}
+""", autoescape=True)
+
+STYLE = "figure { display: inline-block; margin: 0.5em; } img { max-width: 560px; }"
+
+
+@dataclass
+class ReportConfig:
+    runs: list[str] = field(default_factory=list)
+    out: str = "report.html"
+    target: str | None = None  # eval metric for curves and efficiency, e.g. eval/heldout/target_loss (default: found)
+    baseline: str | None = None  # run name (folder) efficiency is measured against (default: first CLM run)
+
+
+def read_run(path: Path) -> dict:
+    if not (path / "metrics.jsonl").is_file():
+        raise ValueError(f"{path} is not a run directory of `rho1 train` (no metrics.jsonl)")
+    records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
+    return {"name": path.name, "path": path, "config": config, "records": records,
+            "evals": [r for r in records if r["kind"] == "eval"], "steps": [r for r in records if r["kind"] == "train"]}
+
+
+def _target_key(runs: list[dict]) -> str:
+    keys = [k for r in runs for e in r["evals"][-1:] for k in e if k.startswith("eval/")]
+    for suffix in ("/target_loss", "/loss"):
+        for k in keys:
+            if k.endswith(suffix):
+                return k
+    raise ValueError("the runs have no held-out evaluation to compare; train them with --eval-data")
+
+
+def load_dynamics(run: Path) -> Dynamics | None:
+    meta_path = run / "dynamics" / "meta.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    losses = np.load(run / "dynamics" / "losses.npy", allow_pickle=False)
+    tokens = np.array(meta["checkpoint_tokens"])
+    classes, delta = classify(losses, tokens, meta["threshold"])
+    positions = np.load(run / "dynamics" / "positions.npy", allow_pickle=False)
+    return Dynamics(tokens, [c[1] for c in meta["identity"]["checkpoints"]], positions, losses, classes, delta,
+                    meta["threshold"])
+
+
+def _curve_figure(runs, key: str, title: str, ylabel: str, source: str = "evals"):
+    fig, ax = figure()
+    drawn = False
+    for r in runs:
+        points = [(x["tokens"], x[key]) for x in r[source] if x.get(key) is not None and x[key] == x[key]]
+        if points:
+            ax.plot(*zip(*points), marker="." if source == "evals" else None, label=r["name"])
+            drawn = True
+    ax.set(xlabel="tokens trained", ylabel=ylabel, title=title)
+    if drawn:
+        ax.legend()
+        return {"title": title, "uri": to_data_uri(fig)}
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return None
+
+
+def build_report(cfg: ReportConfig, viewer_html: str | None = None) -> tuple[str, dict]:
+    if not cfg.runs:
+        raise ValueError("rho1 report needs at least one run directory")
+    runs = [read_run(Path(p)) for p in cfg.runs]
+    target = cfg.target or _target_key(runs)
+    store = target.split("/")[1]
+    baseline = next((r for r in runs if r["name"] == cfg.baseline), None) if cfg.baseline else None
+    if cfg.baseline and baseline is None:
+        raise ValueError(f"--baseline {cfg.baseline} is not one of the runs ({', '.join(r['name'] for r in runs)})")
+    baseline = baseline or next((r for r in runs if r["config"].get("objective") == "clm"), runs[0])
+    base_curve = read_curve(baseline["path"] / "metrics.jsonl", target)
+    metric_names = [k for k in (target, f"eval/{store}/selected_loss", f"eval/{store}/unselected_loss")
+                    if any(k in e for r in runs for e in r["evals"])]
+    metric_names += sorted({k for r in runs for e in r["evals"][-1:] for k in e  # other stores' loss (off-target)
+                            if k.endswith("/loss") and k.startswith("eval/") and not k.startswith(f"eval/{store}/")})
+    rows, summary = [], {"target": target, "baseline": baseline["name"], "runs": {}}
+    for r in runs:
+        last = r["evals"][-1] if r["evals"] else {}
+        curve = read_curve(r["path"] / "metrics.jsonl", target)
+        eff, reached = token_efficiency(base_curve, curve) if base_curve and curve else (float("nan"), False)
+        efficiency = "n/a" if eff != eff else (f"{eff:.2f}x" if reached else f"< {eff:.2f}x (never reached)")
+        rows.append({"name": r["name"], "objective": r["config"].get("objective", "?"),
+                     "ratio": r["config"].get("ratio") if r["config"].get("objective") == "slm" else 1.0,
+                     "score": r["config"].get("score", "") if r["config"].get("objective") == "slm" else "",
+                     "tokens": last.get("tokens", 0),
+                     "metrics": {k: f"{last[k]:.4f}" for k in metric_names if isinstance(last.get(k), float)},
+                     "efficiency": efficiency})
+        summary["runs"][r["name"]] = {"token_efficiency": eff, "reached": reached,
+                                      **{k: last.get(k) for k in metric_names}}
+    figures = [
+        _curve_figure(runs, target, f"{target} against tokens trained", "loss"),
+        _curve_figure(runs, f"eval/{store}/selected_loss", "held-out loss of selected tokens", "loss"),
+        _curve_figure(runs, f"eval/{store}/unselected_loss", "held-out loss of unselected tokens", "loss"),
+        _curve_figure(runs, "frac_selected", "fraction of tokens selected per step", "fraction", "steps"),
+        _curve_figure(runs, "excess_loss_selected", "mean excess loss of selected tokens per step", "nats", "steps"),
+        _curve_figure(runs, "excess_loss_unselected", "mean excess loss of unselected tokens per step", "nats",
+                      "steps"),
+    ]
+    figures = [f for f in figures if f is not None]
+    dynamics = []
+    for r in runs:
+        dyn = load_dynamics(r["path"])
+        if dyn is not None:
+            plots = dyn.plots()
+            dynamics.append({"run": r["name"], "tokens": dyn.losses.shape[1], "shares": dyn.shares(),
+                             "plots": list(plots.values())})
+            summary["runs"][r["name"]]["dynamics_shares"] = dyn.shares()
+    body = BODY.render(runs=runs, rows=rows, baseline=baseline["name"], target_name=target, metric_names=metric_names,
+                       figures=figures, dynamics=dynamics, classes=CLASSES,
+                       viewer=Markup(viewer_html) if viewer_html else None)
+    summary["figures"] = len(figures)
+    return render_page("rho1 report: " + ", ".join(r["name"] for r in runs), body, STYLE), summary
+
+
+def report(cfg: ReportConfig, viewer_html: str | None = None, progress: bool = True) -> dict:
+    html, summary = build_report(cfg, viewer_html)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(html)
+    if progress:
+        print(f"report: {len(cfg.runs)} run(s), {summary['figures']} plots -> {out.resolve()}")
+    return {**summary, "path": str(out)}

@@ -1,0 +1,89 @@
+"""`rho1 sweep`: SLM at several selection ratios and with each score function, on the same data, starting
+model and token budget, then a table and the target loss against the ratio (Rho-1 Fig. 9).
+
+Every run is an ordinary `rho1 train` run under OUT/ (``ratio-0.6``, ``score-random`` ...), so a sweep
+killed halfway skips the runs that finished when started again, and `rho1 report OUT/*` compares them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from markupsafe import escape
+
+from rho1.analysis.plots import figure, to_data_uri
+from rho1.analysis.viewer import render_page
+from rho1.selection import SCORE_FUNCTIONS, check_ratio, check_score
+from rho1.train import TrainConfig, train
+
+
+@dataclass
+class SweepConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)  # data, scores, model, budget, eval_data ...
+    out: str = "runs/sweep"
+    ratios: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8, 1.0])
+    score_functions: list[str] = field(default_factory=lambda: list(SCORE_FUNCTIONS))
+    ablation_ratio: float = 0.6  # the ratio the score functions are compared at
+    target: str | None = None  # eval metric, default: the first eval store's target_loss (else loss)
+
+
+def plan(cfg: SweepConfig) -> dict[str, TrainConfig]:
+    """Run name -> its training config: the excess-loss runs at each ratio, then the other score functions."""
+    for r in cfg.ratios:
+        check_ratio(r)
+    for s in cfg.score_functions:
+        check_score(s)
+    if not cfg.train.eval_data:
+        raise ValueError("rho1 sweep compares held-out losses: pass --eval-data HELDOUT_STORE (with --eval-scores)")
+    runs = {}
+    for r in sorted(set(cfg.ratios)):
+        objective = "clm" if r == 1.0 else "slm"
+        runs["clm" if r == 1.0 else f"ratio-{r:g}"] = replace(cfg.train, objective=objective, ratio=r, score="excess")
+    for s in cfg.score_functions:
+        if s != "excess":
+            runs[f"score-{s}"] = replace(cfg.train, objective="slm", ratio=cfg.ablation_ratio, score=s)
+    return {name: replace(c, out=str(Path(cfg.out) / name)) for name, c in runs.items()}
+
+
+def sweep(cfg: SweepConfig, progress: bool = True) -> dict:
+    runs = plan(cfg)
+    out = Path(cfg.out)
+    results = {}
+    for name, train_cfg in runs.items():
+        done = Path(train_cfg.out) / "summary.json"
+        if done.is_file():
+            summary = json.loads(done.read_text())
+            if progress:
+                print(f"sweep: {name} already done")
+        else:
+            if progress:
+                print(f"sweep: {name} ({train_cfg.objective}, ratio {train_cfg.ratio}, score {train_cfg.score})")
+            summary = train(train_cfg, progress)
+        results[name] = {"ratio": train_cfg.ratio, "score": train_cfg.score, **summary}
+    target = cfg.target or next(
+        (k for suffix in ("/target_loss", "/loss") for k in next(iter(results.values())) if k.startswith("eval/")
+         and k.endswith(suffix)), None)
+    table = [(name, r["ratio"], r["score"], r.get(target)) for name, r in results.items()]
+    fig, ax = figure()
+    curve = sorted((r["ratio"], r.get(target)) for r in results.values() if r["score"] == "excess")
+    ax.plot(*zip(*curve), marker="o", label="excess loss (SLM)")
+    for r in results.values():
+        if r["score"] != "excess":
+            ax.scatter([r["ratio"]], [r.get(target)], marker="x", s=60, label=r["score"])
+    ax.set(xlabel="selection ratio", ylabel=target, title="Target loss against the selection ratio")
+    ax.legend()
+    uri = to_data_uri(fig, out / "sweep.png")
+    rows = "".join(f"<tr><td>{escape(n)}</td><td>{ra:g}</td><td>{escape(s)}</td><td>{v:.4f}</td></tr>"
+                   for n, ra, s, v in table)
+    (out / "sweep.html").write_text(render_page(
+        "rho1 sweep", f"<table><tr><th>run</th><th>ratio</th><th>score</th><th>{escape(target)}</th></tr>{rows}</table>"
+        f'<figure><img src="{uri}" alt="sweep"></figure>'))
+    (out / "sweep.json").write_text(json.dumps({"target": target, "runs": results}, indent=2))
+    if progress:
+        print(f"\nrho1 sweep: {target} after {next(iter(results.values()))['tokens']:,} tokens per run")
+        for name, ratio, score, value in table:
+            print(f"  {name:<16} ratio {ratio:<4g} {score:<10} {value:.4f}")
+        print(f"table and plot: {out / 'sweep.html'}")
+    return {"target": target, "runs": results}
