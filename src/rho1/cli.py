@@ -43,7 +43,9 @@ def _build(config_cls, args: argparse.Namespace, base=None):
 
 def _add_prepare(sub):
     p = sub.add_parser("prepare", help="tokenize text sources into a TokenStore")
-    p.add_argument("sources", nargs="*", help=".txt/.md files or folders, .jsonl, .parquet")
+    p.add_argument("sources", nargs="*", help=".txt/.md files or folders, .jsonl, .parquet, folders written by "
+                   "datasets' save_to_disk, or hf:NAME[:CONFIG] (datasets.load_dataset: a hub name or a local folder)")
+    p.add_argument("--split", help="split read from Hugging Face datasets (default train)")
     p.add_argument("--out", "-o", help="TokenStore directory to write")
     p.add_argument("--tokenizer", help="HF tokenizer name or path, or a TokenStore whose tokenizer to reuse")
     p.add_argument("--train-tokenizer", type=int, metavar="VOCAB_SIZE",
@@ -159,9 +161,17 @@ def _add_score(sub):
 
 
 def _add_eval(sub):
-    p = sub.add_parser("eval", help="held-out loss of a model (all / target / selected / unselected tokens)")
+    p = sub.add_parser("eval", help="held-out loss of a model (all / target / selected / unselected tokens) and "
+                       "math answer accuracy")
     p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True, nargs="+", help="held-out TokenStores")
+    p.add_argument("--data", nargs="+", help="held-out TokenStores")
+    p.add_argument("--answers", help="GSM8K-style jsonl (question, answer ending in '#### N'): few-shot accuracy")
+    p.add_argument("--shots", type=int, default=0, help="solved exemplars in each prompt")
+    p.add_argument("--exemplars", help="jsonl the exemplars come from (default: the first --shots of --answers, "
+                   "left out of the evaluation)")
+    p.add_argument("--limit", type=int, default=0, help="evaluate the first N problems (0 = all)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--generations", help="JSONL to write every prompt, generation, extracted and gold answer to")
     p.add_argument("--scores", nargs="+", help="their ScoreStores, same order, to split selected/unselected")
     p.add_argument("--ratio", type=float, default=0.6)
     p.add_argument("--seq-len", type=int, default=256)
@@ -187,6 +197,16 @@ def run_eval(args) -> dict:
 
     model = load_model(args.model, args.trust_remote_code)
     results = {}
+    if not (args.data or args.answers):
+        raise ValueError("rho1 eval needs --data HELDOUT_STORE (losses) and/or --answers FILE.jsonl (accuracy)")
+    if args.answers:
+        from rho1.accuracy import AnswerConfig, answer_accuracy
+        from rho1.data.tokenizer import load_tokenizer
+
+        cfg = AnswerConfig(args.answers, args.shots, args.exemplars, args.limit, args.max_new_tokens,
+                           args.batch_size, args.generations)
+        results["answers"] = answer_accuracy(model, load_tokenizer(args.model, args.trust_remote_code), cfg)
+    args.data = args.data or []
     scores_paths = args.scores or [""] * len(args.data)
     if len(scores_paths) != len(args.data):
         raise ValueError("--scores must name one ScoreStore per --data store ('' for none)")

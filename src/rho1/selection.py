@@ -197,8 +197,16 @@ def select_from_token_loss(
 
 
 def default_chunk_size(device: torch.device | str) -> int:
-    """Rows of logits computed at once: small on CPU, where the chunk should stay in cache, large on GPUs."""
+    """Rows of logits computed at once for losses only: small on CPU, where the chunk should stay in cache,
+    large on GPUs."""
     return 128 if torch.device(device).type == "cpu" else 4096
+
+
+def grad_chunk_size(rows: int, vocab: int, hidden: int) -> int:
+    """Rows per chunk when gradients are computed: every chunk reads and writes the whole head-weight
+    gradient, so chunks are as large as the hidden states allow (a chunk of logits about the size of the
+    hidden states, as Liger-Kernel's fused linear cross-entropy does), and at least 128 rows."""
+    return max(128, -(-rows // -(-vocab // hidden)))
 
 
 def _logits(buffer: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -223,7 +231,7 @@ class _SelectedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, rows, labels, lse, loss_sum, chunk_size):
         ctx.save_for_backward(hidden, weight, rows, labels, lse)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size = chunk_size or grad_chunk_size(rows.numel(), weight.shape[0], weight.shape[1])
         return loss_sum.clone()
 
     @staticmethod
@@ -329,9 +337,10 @@ def selective_linear_cross_entropy(
     # every valid token is kept at ratio 1, so the selected rows are known before the forward
     every_token = ratio >= 1.0 and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     valid = valid_mask(flat_labels, None if ref_loss is None else ref_loss.reshape(-1), ignore_index)
-    chunk_size = chunk_size or default_chunk_size(hidden.device)
+    forward_chunk = chunk_size or (grad_chunk_size(len(valid), weight.shape[0], weight.shape[1]) if every_token
+                                   else default_chunk_size(hidden.device))
     token_loss, lse, grad_hidden, grad_weight = chunked_cross_entropy(flat_hidden, weight, flat_labels, ignore_index,
-                                                                      chunk_size, valid if every_token else None)
+                                                                      forward_chunk, valid if every_token else None)
     token_loss = token_loss.view(shape)
     picked = select_from_token_loss(token_loss, labels, ref_loss, ratio, score, ignore_index, generator, gather, rank)
     if every_token:

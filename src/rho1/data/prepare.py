@@ -26,6 +26,7 @@ class PrepareConfig:
     text_field: str | None = None
     template: str | None = None
     target_field: str | None = None
+    split: str = "train"  # the split read from Hugging Face datasets (saved folders, hf:NAME)
     trust_remote_code: bool = False
     batch_docs: int = 512
 
@@ -65,7 +66,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> TokenStore:
     files = expand_sources(cfg.sources)
 
     def documents():
-        return read_documents(files, cfg.text_field, cfg.template, cfg.target_field)
+        return read_documents(files, cfg.text_field, cfg.template, cfg.target_field, cfg.split)
 
     first = next(iter(documents()), None)
     if first is None:
@@ -125,6 +126,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> TokenStore:
         "tokenizer": {"name": tokenizer_name, "hash": tokenizer_hash(tokenizer)},
         "sources": [str(f) for f in files],
         "text_field": cfg.text_field,
+        "split": cfg.split,
         "template": cfg.template,
         "target_field": cfg.target_field,
         "has_target_mask": any_target,

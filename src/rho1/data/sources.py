@@ -22,12 +22,27 @@ class Document:
     target_start: int | None = None
 
 
-def expand_sources(paths: list[str | Path]) -> list[Path]:
-    """Files named directly, plus the readable files under any folder, in sorted order."""
-    files: list[Path] = []
+HF_PREFIX = "hf:"  # hf:NAME[:CONFIG] -> datasets.load_dataset(NAME, CONFIG): a hub name or a local data folder
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    return (path / "dataset_dict.json").is_file() or ((path / "state.json").is_file()
+                                                       and (path / "dataset_info.json").is_file())
+
+
+def expand_sources(paths: list[str | Path]) -> list[Path | str]:
+    """Files named directly, the readable files under any folder (in sorted order), saved Hugging Face
+    datasets (folders) and ``hf:NAME`` sources as they are."""
+    files: list[Path | str] = []
     for raw in paths:
+        if isinstance(raw, str) and raw.startswith(HF_PREFIX):
+            files.append(raw)
+            continue
         path = Path(raw)
-        if path.is_dir():
+        if path.is_dir() and is_saved_dataset(path):
+            files.append(path)
+        elif path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
             if not found:
                 raise ValueError(f"folder {path} has no {'/'.join(SUFFIXES)} files; point to the files themselves")
@@ -82,7 +97,7 @@ def format_record(record: dict, where: str, text_field: str | None, template: st
     return Document(value, 0 if target_field == field else None)
 
 
-def _read_jsonl(path: Path, text_field, template, target_field) -> Iterator[Document]:
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, dict]]:
     for lineno, line in enumerate(_read_utf8(path).splitlines(), 1):
         if not line.strip():
             continue
@@ -92,6 +107,24 @@ def _read_jsonl(path: Path, text_field, template, target_field) -> Iterator[Docu
             raise ValueError(f"{path} line {lineno} is not valid JSON ({err.msg}); fix or remove that line") from None
         if not isinstance(record, dict):
             raise ValueError(f"{path} line {lineno} is not a JSON object; each line must be {{\"field\": ...}}")
+        yield lineno, record
+
+
+def read_jsonl_records(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
+    """Every record of a jsonl file, each checked to have the ``required`` fields."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist; check the path")
+    records = []
+    for lineno, record in _jsonl_lines(Path(path)):
+        missing = [f for f in required if f not in record]
+        if missing:
+            raise ValueError(f"{path} line {lineno} has no field {missing[0]!r}; fields present: {', '.join(record)}")
+        records.append(record)
+    return records
+
+
+def _read_jsonl(path: Path, text_field, template, target_field) -> Iterator[Document]:
+    for lineno, record in _jsonl_lines(path):
         yield format_record(record, f"{path} line {lineno}", text_field, template, target_field)
 
 
@@ -103,11 +136,36 @@ def _read_parquet(path: Path, text_field, template, target_field) -> Iterator[Do
         yield format_record(record, f"{path} row {i}", text_field, template, target_field)
 
 
+def load_hf_dataset(source: Path | str, split: str = "train"):
+    """One split of a saved dataset folder, or of ``hf:NAME[:CONFIG]`` through ``datasets.load_dataset``
+    (a hub name needs a network; a local data folder does not). Never runs dataset loading scripts."""
+    import datasets
+
+    if isinstance(source, Path):
+        data = datasets.load_from_disk(str(source))
+    else:
+        name, _, config = source[len(HF_PREFIX):].partition(":")
+        data = datasets.load_dataset(name, config or None, split=split)
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise ValueError(f"dataset {source} has no split {split!r}; pass --split with one of: {', '.join(data)}")
+        data = data[split]
+    return data
+
+
+def _read_dataset(source, split, text_field, template, target_field) -> Iterator[Document]:
+    for i, record in enumerate(load_hf_dataset(source, split)):
+        yield format_record(record, f"dataset {source} ({split}) row {i}", text_field, template, target_field)
+
+
 def read_documents(paths: list[str | Path], text_field: str | None = None, template: str | None = None,
-                   target_field: str | None = None) -> Iterator[Document]:
-    """Every document of every source, in order. Empty documents are skipped."""
+                   target_field: str | None = None, split: str = "train") -> Iterator[Document]:
+    """Every document of every source, in order. Empty documents are skipped. ``split``: the split read
+    from Hugging Face datasets."""
     for path in expand_sources(paths):
-        if path.suffix in (".jsonl", ".json"):
+        if isinstance(path, str) or is_saved_dataset(path):
+            docs = _read_dataset(path, split, text_field, template, target_field)
+        elif path.suffix in (".jsonl", ".json"):
             docs = _read_jsonl(path, text_field, template, target_field)
         elif path.suffix == ".parquet":
             docs = _read_parquet(path, text_field, template, target_field)

@@ -1,0 +1,148 @@
+"""SLM inside a Hugging Face ``Trainer`` script: change the Trainer class and the collator.
+
+    trainer = SelectiveTrainer(model=model, args=args, train_dataset=ds,
+                               data_collator=SelectiveCollator(tokenizer),   # was DataCollatorForLanguageModeling
+                               reference_model=ref_model, ratio=0.6)         # or: scores=ScoreStore + "offset"
+    trainer.train()
+
+Reference losses come from a reference model run inside ``compute_loss`` (online, under ``no_grad``) or
+from a ScoreStore: then each example carries ``offset``, the stream position of its first token in the
+store the scores belong to (``windows_dataset`` makes such examples), and the collator looks them up.
+The loss is the selected tokens' cross-entropy summed over the whole optimizer step (all accumulated
+micro-batches, all processes) divided by the number of tokens selected in it, as in `rho1 train`.
+Labels of ``-100`` (padding, SFT prompt tokens) are never selected.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import Trainer
+
+from rho1.data.loader import IGNORE_INDEX
+from rho1.data.store import ScoreStore, TokenStore
+from rho1.evaluate import batch_token_losses
+from rho1.selection import check_ratio, check_score, num_selected, select_from_token_loss, token_cross_entropy
+
+
+def windows_dataset(store: TokenStore, seq_len: int) -> list[dict]:
+    """The store's windows of ``seq_len`` tokens as examples ``{"input_ids", "offset"}``, the windows
+    `rho1 train` and `rho1 score` use, so a ScoreStore's losses line up with them."""
+    return [{"input_ids": store.tokens[w * seq_len : (w + 1) * seq_len].astype(np.int64).tolist(),
+             "offset": w * seq_len} for w in range(store.num_windows(seq_len))]
+
+
+class SelectiveCollator:
+    """Right-pads ``input_ids`` (and ``labels`` when given, else labels = input_ids) into a batch, with
+    ``labels`` of -100 at padding and ``ref_loss`` per token (the reference loss of predicting that token;
+    NaN where unknown) looked up in ``scores`` for examples with an ``offset``."""
+
+    def __init__(self, tokenizer=None, pad_token_id: int | None = None, scores: ScoreStore | None = None,
+                 store: TokenStore | None = None):
+        if pad_token_id is None:
+            pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_token_id, self.scores = pad_token_id, scores
+        # the scored corpus, to check each example's tokens against it
+        self.store = store or (TokenStore.open(scores.manifest["token_store"]) if scores is not None else None)
+
+    def __call__(self, examples: list[dict]) -> dict:
+        width = max(len(e["input_ids"]) for e in examples)
+        n = len(examples)
+        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((n, width), dtype=torch.long)
+        ref = torch.full((n, width), float("nan")) if self.scores is not None else None
+        for i, e in enumerate(examples):
+            ids = torch.as_tensor(e["input_ids"], dtype=torch.long)
+            input_ids[i, : len(ids)] = ids
+            labels[i, : len(ids)] = torch.as_tensor(e["labels"], dtype=torch.long) if "labels" in e else ids
+            attention[i, : len(ids)] = 1
+            if ref is not None:
+                ref[i, : len(ids)] = self._lookup(e, ids)
+        batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        if ref is not None:
+            batch["ref_loss"] = ref
+        return batch
+
+    def _lookup(self, example: dict, ids: torch.Tensor) -> torch.Tensor:
+        if "offset" not in example:
+            raise ValueError("SelectiveCollator(scores=...) needs an 'offset' per example (the position of its first "
+                             "token in the scored TokenStore); make the dataset with rho1.hf.windows_dataset")
+        start = int(example["offset"])
+        stored = self.store.tokens[start : start + len(ids)]
+        if len(stored) != len(ids) or not np.array_equal(stored, ids.numpy()):
+            raise ValueError(f"example at offset {start} does not match the tokens the scores were computed on; "
+                             "the dataset and the ScoreStore come from different corpora or tokenizers")
+        return torch.from_numpy(np.asarray(self.scores.scores[start : start + len(ids)], dtype=np.float32))
+
+
+class SelectiveTrainer(Trainer):
+    """``transformers.Trainer`` with the SLM loss: only the top ``ratio`` of tokens by ``score`` (default
+    excess loss = learner loss - reference loss) contribute. ``ratio=1`` is the ordinary causal LM loss."""
+
+    def __init__(self, *args, ratio: float = 0.6, score: str = "excess", reference_model=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ratio, self.score = check_ratio(ratio), check_score(score)
+        self.reference_model = reference_model
+        if reference_model is not None:
+            reference_model.to(self.args.device).eval().requires_grad_(False)
+        self._ref_head = None
+        self.selection_stats: dict = {}
+
+    def _set_signature_columns_if_needed(self):
+        # keep the columns the collator needs when Trainer drops those the model's forward does not take
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = [*self._signature_columns, *(c for c in ("offset", "ref_loss")
+                                                               if c not in self._signature_columns)]
+
+    def _reference_loss(self, inputs: dict, shifted_labels: torch.Tensor) -> torch.Tensor:
+        ref = self.reference_model
+        if self._ref_head is None:
+            out_head = ref.get_output_embeddings()
+            self._ref_head = ref if isinstance(out_head, torch.nn.Linear) and out_head.bias is None else False
+        losses = batch_token_losses(ref, inputs["input_ids"][:, :-1], shifted_labels,
+                                    head_of=self._ref_head or None)
+        return torch.where(shifted_labels != IGNORE_INDEX, losses.half().float(), torch.nan)
+
+    def _shifted(self, batch: dict):
+        labels = batch["labels"][:, 1:]
+        ref = batch["ref_loss"][:, 1:] if batch.get("ref_loss") is not None else None
+        return labels, ref
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Counts the tokens selected over the whole optimizer step (every accumulated micro-batch, every
+        process): the loss of each micro-batch is divided by it."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if num_items is None:
+            return batches, None
+        selected = 0
+        for batch in batches:
+            labels, ref = self._shifted(batch)
+            valid = labels != IGNORE_INDEX
+            if ref is not None:
+                valid &= torch.isfinite(ref)
+            selected += num_selected(int(valid.sum()), self.ratio)
+        selected = torch.tensor(selected, device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            selected = self.accelerator.gather(selected).sum()
+        return batches, selected
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels, ref = self._shifted(inputs)
+        inputs.pop("labels")
+        inputs.pop("ref_loss", None)
+        if self.reference_model is not None and self.score in ("excess", "reference") or ref is None and (
+                self.reference_model is not None):
+            ref = self._reference_loss(inputs, labels)
+        outputs = model(**inputs)
+        token_loss = token_cross_entropy(outputs.logits[:, :-1], labels)
+        selection = select_from_token_loss(token_loss, labels, ref, self.ratio, self.score)
+        self.selection_stats = selection.stats
+        if num_items_in_batch is None:
+            loss = selection.loss  # the mean over this micro-batch; Trainer divides by the accumulation steps
+        else:
+            loss = selection.loss_sum / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        return (loss, outputs) if return_outputs else loss
