@@ -11,7 +11,8 @@ Corpora, all from ../shared/data (never copied into the repository):
   offtarget  passages of the last 10% of Tiny Shakespeare.
 The stages are those of `rho1 demo` (rho1.pipeline.compare): a base model on the web corpus, the reference
 = base + clean GSM8K, then CLM, SLM and random-60% continue from the base on the same web tokens.
-Prints the token efficiency of SLM and of the random control per seed and their medians.
+Prints the token efficiency of SLM and of the random control per seed and their medians, and 2-shot
+greedy answer accuracy on the first 100 held-out problems.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def main() -> None:
         print(f"seed {seed}: SLM {s['token_efficiency']:.2f}x{'' if s['slm_reached_clm_loss'] else ' (never reached)'}"
               f", random {s['random_token_efficiency']:.2f}x{'' if s['random_reached_clm_loss'] else ' (never reached)'}"
               f"; target loss CLM {t['clm']:.4f} SLM {t['slm']:.4f} random {t['random']:.4f}; off-target loss "
-              f"CLM {s['final_offtarget_loss']['clm']:.4f} SLM {s['final_offtarget_loss']['slm']:.4f}", flush=True)
+              f"CLM {s['final_offtarget_loss']['clm']:.4f} SLM {s['final_offtarget_loss']['slm']:.4f}; answer accuracy "
+              + " ".join(f"{k} {v:.1%}" for k, v in s["answer_accuracy"].items()), flush=True)
     median = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
     print(f"median over {len(rows)} seeds: SLM token efficiency {median('token_efficiency'):.2f}x, "
           f"random-60% {median('random_token_efficiency'):.2f}x")

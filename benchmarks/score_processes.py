@@ -12,16 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import transformers
+from common import web_store
 
-from rho1.data import demo
-from rho1.data.prepare import PrepareConfig, prepare
 from rho1.model import build_model
 
 
@@ -32,12 +29,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--out", default="runs/bench-score")
     args = parser.parse_args()
-    transformers.utils.logging.disable_progress_bar()
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
-    files = demo.generate(out / "data", n_reference=10, n_web=args.web_docs, n_heldout=1, n_offtarget=1)
-    store = prepare(PrepareConfig([str(files["web"])], str(out / "web"), train_tokenizer=2048, text_field="text"),
-                    progress=False)
+    store = web_store(out, args.web_docs)
     model = build_model(args.preset, store.vocab_size, 2048, store.manifest["eos_token_id"])
     model.save_pretrained(out / "model")
     store.tokenizer().save_pretrained(out / "model")

@@ -8,44 +8,37 @@ and ``F.cross_entropy(..., reduction="none")``, same batch size and dtype (float
 NumPy. `rho1 score` is timed as a whole (it also hashes, checks and writes the ScoreStore). Two model
 shapes: the demo's tiny Llama (vocabulary 2048) and a Llama with a 32k vocabulary (hidden 256, 4 layers).
 Model FLOPs per token = 2 x parameters (embeddings excluded, head included) + 2 x layers x window x hidden
-(attention scores and values, causal half); matmul FLOP/s = best of several float32 2048x2048 products.
+(attention scores and values, causal half); matmul FLOP/s = the best rate of float32 products of square and
+LM-head shapes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import transformers
+from common import SHAPES, web_store
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from rho1.data import demo
 from rho1.data.loader import make_batch
-from rho1.data.prepare import PrepareConfig, prepare
 from rho1.score import ScoreConfig, score
 
-SHAPES = {
-    "tiny (vocab 2048)": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=384,
-                              vocab_size=2048),
-    "vocab 32k": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=704,
-                      vocab_size=32768),
-}
 
-
-def matmul_flops(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+def matmul_flops(repeats: int = 5) -> float:
+    """The best float32 matmul rate over square products and an LM-head-shaped one (tokens x hidden x vocab)."""
+    best = 0.0
+    for m, k, n in ((2048, 2048, 2048), (4096, 4096, 4096), (4096, 256, 32768), (4096, 1024, 8192)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            best = max(best, 2 * m * k * n / (time.perf_counter() - start))
+    return best
 
 
 def flops_per_token(model, seq_len: int) -> float:
@@ -78,12 +71,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--out", default="runs/bench-throughput")
     args = parser.parse_args()
-    transformers.utils.logging.disable_progress_bar()
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
-    files = demo.generate(out / "data", n_reference=10, n_web=args.web_docs, n_heldout=1, n_offtarget=1)
-    store = prepare(PrepareConfig([str(files["web"])], str(out / "web"), train_tokenizer=2048, text_field="text"),
-                    progress=False)
+    store = web_store(out, args.web_docs)
     peak = matmul_flops()
     print(f"{store.n_tokens:,} tokens, windows of {args.seq_len}, batch {args.batch_size}, float32; "
           f"matmul {peak / 1e9:.1f} GFLOP/s", flush=True)

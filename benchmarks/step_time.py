@@ -15,24 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 from pathlib import Path
 
-import transformers
+from common import SHAPES, web_store
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rho1.data import demo
-from rho1.data.prepare import PrepareConfig, prepare
 from rho1.score import ScoreConfig, score
 from rho1.train import TrainConfig, train
 
-SHAPES = {
-    "tiny (vocab 2048)": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=384,
-                              vocab_size=2048),
-    "vocab 32k": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=704,
-                      vocab_size=32768),
-}
 VARIANTS = {
     "CLM": dict(objective="clm"),
     "SLM stored scores": dict(objective="slm", scores=True),
@@ -53,17 +44,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--out", default="runs/bench-step")
     args = parser.parse_args()
-    transformers.utils.logging.disable_progress_bar()
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
-    files = demo.generate(out / "data", n_reference=10, n_web=1500, n_heldout=1, n_offtarget=1)
-    store = prepare(PrepareConfig([str(files["web"])], str(out / "web"), train_tokenizer=2048, text_field="text"),
-                    progress=False)
+    store = web_store(out, 1500)
     seq_len, batch = 256, 8
     results = {}
-    for shape, dims in SHAPES.items():
+    for shape, dims in ((name, SHAPES[name]) for name in args.shapes):
         model_dir = out / shape.split()[0] / "model"
         config = LlamaConfig(max_position_embeddings=seq_len, tie_word_embeddings=True,
                              eos_token_id=store.manifest["eos_token_id"], **dims)

@@ -22,7 +22,11 @@ def test_quick_demo_runs_every_stage_end_to_end(tmp_path, capsys):
         assert math.isfinite(summary["final_offtarget_loss"][run])
         assert (out / run / "final" / "model.safetensors").is_file()
     assert set(summary["stage_seconds"]) == {"data", "prepare", "base", "reference", "score", "train clm",
-                                             "train slm", "train random", "report"}
+                                             "train slm", "train random", "accuracy", "report"}
+    for run in ("clm", "slm", "random"):  # 2-shot accuracy on the held-out problems, every generation kept
+        assert 0.0 <= summary["answer_accuracy"][run] <= 1.0 and summary["gold_solution_loss"][run] > 0
+        assert len((out / run / "answers.jsonl").read_text().splitlines()) == 10
+    assert "answer accuracy" in printed
     # the demo ends with the HTML report: runs, plots, dynamics of CLM and SLM, the viewer excerpt
     report = (out / "report.html").read_text()
     assert str((out / "report.html").resolve()) in printed

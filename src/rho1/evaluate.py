@@ -41,7 +41,7 @@ def batch_token_losses(model, input_ids, labels, autocast=contextlib.nullcontext
         return chunked_cross_entropy(hidden, weight.to(hidden.dtype), labels.reshape(-1))[0].view_as(labels)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def token_losses(model, store: TokenStore, seq_len: int, batch_size: int = 16, windows=None,
                  autocast=contextlib.nullcontext, progress: bool = False, desc: str = "loss", head_of=None,
                  dtype=None) -> np.ndarray:

@@ -22,7 +22,15 @@ from transformers import Trainer
 from rho1.data.loader import IGNORE_INDEX
 from rho1.data.store import ScoreStore, TokenStore
 from rho1.evaluate import batch_token_losses
-from rho1.selection import check_ratio, check_score, num_selected, select_from_token_loss, token_cross_entropy
+from rho1.model import head_is_linear, without_head
+from rho1.selection import (
+    check_ratio,
+    check_score,
+    num_selected,
+    select_from_token_loss,
+    selective_linear_cross_entropy,
+    token_cross_entropy,
+)
 
 
 def windows_dataset(store: TokenStore, seq_len: int) -> list[dict]:
@@ -80,9 +88,14 @@ class SelectiveTrainer(Trainer):
     """``transformers.Trainer`` with the SLM loss: only the top ``ratio`` of tokens by ``score`` (default
     excess loss = learner loss - reference loss) contribute. ``ratio=1`` is the ordinary causal LM loss."""
 
-    def __init__(self, *args, ratio: float = 0.6, score: str = "excess", reference_model=None, **kwargs):
+    def __init__(self, *args, ratio: float = 0.6, score: str = "excess", reference_model=None,
+                 loss_impl: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         self.ratio, self.score = check_ratio(ratio), check_score(score)
+        if loss_impl not in ("auto", "logits"):
+            raise ValueError(f"loss_impl must be auto or logits, got {loss_impl!r}")
+        self.loss_impl = loss_impl
+        self._chunked_head: bool | None = None  # decided at the first batch (see _use_chunked_head)
         self.reference_model = reference_model
         if reference_model is not None:
             reference_model.to(self.args.device).eval().requires_grad_(False)
@@ -127,17 +140,35 @@ class SelectiveTrainer(Trainer):
             selected = self.accelerator.gather(selected).sum()
         return batches, selected
 
+    def _use_chunked_head(self, input_ids: torch.Tensor) -> bool:
+        """The loss from the head's input in chunks (rho1.selection.selective_linear_cross_entropy) when the
+        model's logits are a plain linear head and the head weight is whole (not FSDP / DeepSpeed)."""
+        if self._chunked_head is None:
+            from accelerate import DistributedType
+
+            plain = self.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
+                                                          DistributedType.MULTI_GPU)
+            model = self.accelerator.unwrap_model(self.model)
+            self._chunked_head = (self.loss_impl == "auto" and plain
+                                  and head_is_linear(model, input_ids[:1, :32].to(self.args.device)))
+        return self._chunked_head
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels, ref = self._shifted(inputs)
         inputs.pop("labels")
         inputs.pop("ref_loss", None)
-        if self.reference_model is not None and self.score in ("excess", "reference") or ref is None and (
-                self.reference_model is not None):
+        if self.reference_model is not None:
             ref = self._reference_loss(inputs, labels)
-        outputs = model(**inputs)
-        token_loss = token_cross_entropy(outputs.logits[:, :-1], labels)
-        selection = select_from_token_loss(token_loss, labels, ref, self.ratio, self.score)
+        if not return_outputs and self._use_chunked_head(inputs["input_ids"]):
+            with without_head(self.accelerator.unwrap_model(model)) as weight:
+                hidden = model(**inputs).logits
+            selection = selective_linear_cross_entropy(hidden[:, :-1], weight, labels, ref, self.ratio, self.score)
+            outputs = None
+        else:
+            outputs = model(**inputs)
+            token_loss = token_cross_entropy(outputs.logits[:, :-1], labels)
+            selection = select_from_token_loss(token_loss, labels, ref, self.ratio, self.score)
         self.selection_stats = selection.stats
         if num_items_in_batch is None:
             loss = selection.loss  # the mean over this micro-batch; Trainer divides by the accumulation steps

@@ -13,12 +13,15 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from rho1.accuracy import AnswerConfig, answer_accuracy
 from rho1.analysis.dynamics import DynamicsConfig, compute_dynamics
 from rho1.analysis.report import ReportConfig, report
 from rho1.analysis.viewer import ViewConfig, build_view, run_checkpoint_columns
 from rho1.data import demo as demo_data
 from rho1.data.prepare import PrepareConfig, prepare
+from rho1.data.tokenizer import load_tokenizer
 from rho1.evaluate import read_curve, token_efficiency
+from rho1.model import load_model
 from rho1.score import ScoreConfig, score
 from rho1.train import TrainConfig, train
 
@@ -45,12 +48,14 @@ class DemoConfig:
     n_offtarget: int = 150
     math_share: float = 0.35  # share of web pages with a worked problem
     wrong_share: float = 0.5  # share of those whose worked answer has a mistake
+    accuracy_problems: int = 100  # held-out problems for answer accuracy (2-shot, greedy); 0 = skip
 
 
 PRESETS = {
     "default": DemoConfig(),
     "quick": DemoConfig(model_preset="nano", vocab_size=512, seq_len=128, base_tokens=20_000, reference_tokens=40_000,
-                        train_tokens=60_000, eval_points=4, n_reference=300, n_web=400, n_heldout=40, n_offtarget=20),
+                        train_tokens=60_000, eval_points=4, n_reference=300, n_web=400, n_heldout=40, n_offtarget=20,
+                        accuracy_problems=10),
 }
 
 
@@ -127,6 +132,17 @@ def compare(files: dict[str, Path], cfg: DemoConfig, progress: bool = True, seco
                                         keep_last=0, **overrides), progress)
         done(f"train {name}")
 
+    accuracy = {}
+    if cfg.accuracy_problems:
+        stage("accuracy")
+        answers = AnswerConfig(str(files["heldout"]), shots=2, exemplars=str(files["reference"]),
+                               limit=cfg.accuracy_problems, max_new_tokens=96, batch_size=32)
+        for name in runs:
+            final = out / name / "final"
+            accuracy[name] = answer_accuracy(load_model(str(final)), load_tokenizer(final),
+                                             replace(answers, out=str(out / name / "answers.jsonl")), progress=False)
+        done("accuracy")
+
     target_key, off_key = "eval/heldout/target_loss", "eval/offtarget/loss"
     curves = {name: read_curve(out / name / "metrics.jsonl", target_key) for name in runs}
     slm_eff, slm_reached = token_efficiency(curves["clm"], curves["slm"])
@@ -141,6 +157,8 @@ def compare(files: dict[str, Path], cfg: DemoConfig, progress: bool = True, seco
         "random_reached_clm_loss": rnd_reached,
         "final_target_loss": {name: s[target_key] for name, s in summaries.items()},
         "final_offtarget_loss": {name: s[off_key] for name, s in summaries.items()},
+        "answer_accuracy": {name: a["accuracy"] for name, a in accuracy.items()},
+        "gold_solution_loss": {name: a["gold_loss"] for name, a in accuracy.items()},
         "final_heldout_selected_loss": {name: s.get("eval/heldout/selected_loss") for name, s in summaries.items()},
         "final_heldout_unselected_loss": {name: s.get("eval/heldout/unselected_loss") for name, s in summaries.items()},
         "tokens_per_second": {"prepare": corpus.manifest["n_tokens"] / max(corpus.manifest["seconds"], 1e-9),
@@ -183,16 +201,20 @@ def _fmt_eff(value: float, reached: bool) -> str:
 
 
 def print_table(summary: dict, out: Path) -> None:
-    rows = [("run", "target loss", "off-target loss", "token efficiency")]
-    rows.append(("CLM (all tokens)", summary["final_target_loss"]["clm"], summary["final_offtarget_loss"]["clm"], "1.00x"))
+    acc = summary.get("answer_accuracy") or {}
+    fmt_acc = lambda name: f"{acc[name]:.0%}" if name in acc else "-"  # noqa: E731
+    rows = [("run", "target loss", "off-target loss", "answer accuracy", "token efficiency")]
+    rows.append(("CLM (all tokens)", summary["final_target_loss"]["clm"], summary["final_offtarget_loss"]["clm"],
+                 fmt_acc("clm"), "1.00x"))
     rows.append((f"SLM (top {summary['ratio']:.0%} by excess loss)", summary["final_target_loss"]["slm"],
-                 summary["final_offtarget_loss"]["slm"],
+                 summary["final_offtarget_loss"]["slm"], fmt_acc("slm"),
                  _fmt_eff(summary["token_efficiency"], summary["slm_reached_clm_loss"])))
     rows.append((f"random {summary['ratio']:.0%} (control)", summary["final_target_loss"]["random"],
-                 summary["final_offtarget_loss"]["random"],
+                 summary["final_offtarget_loss"]["random"], fmt_acc("random"),
                  _fmt_eff(summary["random_token_efficiency"], summary["random_reached_clm_loss"])))
-    print(f"\nrho1 demo: {summary['tokens_trained']:,} tokens per run; target = loss on held-out answer tokens")
-    widths = [max(len(r[i] if isinstance(r[i], str) else f"{r[i]:.4f}") for r in rows) for i in range(4)]
+    print(f"\nrho1 demo: {summary['tokens_trained']:,} tokens per run; target = loss on held-out answer tokens; "
+          f"accuracy = 2-shot greedy exact match on {summary['config']['accuracy_problems']} held-out problems")
+    widths = [max(len(r[i] if isinstance(r[i], str) else f"{r[i]:.4f}") for r in rows) for i in range(5)]
     for r in rows:
         cells = [c if isinstance(c, str) else f"{c:.4f}" for c in r]
         print("  ".join(c.ljust(w) for c, w in zip(cells, widths)))
