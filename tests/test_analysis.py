@@ -162,7 +162,7 @@ def test_report_compares_runs_with_plots_and_efficiency(stores, corpus_scores, d
     assert f"{last['eval/heldout/target_loss']:.4f}" in html
 
 
-def test_cli_dynamics_view_report_and_sweep(stores, corpus_scores, dyn_run, tmp_path, capsys):
+def test_cli_dynamics_view_report_and_sweep(stores, corpus_scores, dyn_run, data_dir, tmp_path, capsys):
     assert main(["dynamics", str(dyn_run), "--data", str(stores["heldout"].path), "--max-windows", "4"]) == 0
     assert "dynamics:" in capsys.readouterr().out
     view_html = tmp_path / "view.html"
@@ -175,11 +175,13 @@ def test_cli_dynamics_view_report_and_sweep(stores, corpus_scores, dyn_run, tmp_
     args = ["sweep", "--data", str(stores["corpus"].path), "--scores", str(corpus_scores.path), "--model-preset",
             "nano", "--seq-len", str(SEQ_LEN), "--batch-size", "8", "--max-tokens", "2048", "--eval-data",
             str(stores["heldout"].path), "--ratios", "0.5", "1.0", "--score-functions", "excess", "random",
-            "--out", str(sweep_dir)]
+            "--answers", str(data_dir["heldout"]), "--shots", "1", "--answers-limit", "3", "--out", str(sweep_dir)]
     assert main(args) == 0
     result = json.loads((sweep_dir / "sweep.json").read_text())
     assert set(result["runs"]) == {"ratio-0.5", "clm", "score-random"}
     assert result["runs"]["score-random"]["ratio"] == 0.6 and (sweep_dir / "sweep.png").is_file()
+    assert all(0.0 <= r["answer_accuracy"] <= 1.0 for r in result["runs"].values())
+    assert (sweep_dir / "sweep_accuracy.png").is_file() and "answer accuracy" in (sweep_dir / "sweep.html").read_text()
     assert main(args) == 0 and "already done" in capsys.readouterr().out  # a rerun skips finished runs
     assert main(["sweep", "--data", str(stores["corpus"].path), "--ratios", "1.5"]) == 2
     assert "selection ratio must be in (0, 1]" in capsys.readouterr().err

@@ -110,6 +110,9 @@ def _add_sweep(sub):
                    help="score functions compared at --ablation-ratio (default all)")
     p.add_argument("--ablation-ratio", type=float, default=0.6)
     p.add_argument("--target", help="eval metric to compare (default: the first eval store's target_loss)")
+    p.add_argument("--answers", help="GSM8K-style jsonl: also each run's few-shot answer accuracy")
+    p.add_argument("--shots", type=int, help="exemplars per prompt, the first problems of --answers (default 2)")
+    p.add_argument("--answers-limit", type=int, help="problems evaluated (default 100)")
     _train_options(p)
 
 
@@ -259,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             from rho1.sweep import SweepConfig, sweep
             from rho1.train import TrainConfig
 
-            keys = ("ratios", "score_functions", "ablation_ratio", "target")
+            keys = ("ratios", "score_functions", "ablation_ratio", "target", "answers", "shots", "answers_limit")
             sweep(SweepConfig(train=_build(TrainConfig, argparse.Namespace(
                 **{k: v for k, v in vars(args).items() if k not in ("out", *keys)})), out=args.out,
                 **{k: getattr(args, k) for k in keys if getattr(args, k) is not None}))

@@ -13,8 +13,11 @@ from pathlib import Path
 
 from markupsafe import escape
 
+from rho1.accuracy import AnswerConfig, answer_accuracy
 from rho1.analysis.plots import figure, to_data_uri
 from rho1.analysis.viewer import render_page
+from rho1.data.tokenizer import load_tokenizer
+from rho1.model import load_model
 from rho1.selection import SCORE_FUNCTIONS, check_ratio, check_score
 from rho1.train import TrainConfig, train
 
@@ -27,6 +30,9 @@ class SweepConfig:
     score_functions: list[str] = field(default_factory=lambda: list(SCORE_FUNCTIONS))
     ablation_ratio: float = 0.6  # the ratio the score functions are compared at
     target: str | None = None  # eval metric, default: the first eval store's target_loss (else loss)
+    answers: str | None = None  # GSM8K-style jsonl: also the answer accuracy of each run's final model
+    shots: int = 2  # exemplars per prompt (the first `shots` problems of `answers`, left out)
+    answers_limit: int = 100
 
 
 def plan(cfg: SweepConfig) -> dict[str, TrainConfig]:
@@ -47,6 +53,19 @@ def plan(cfg: SweepConfig) -> dict[str, TrainConfig]:
     return {name: replace(c, out=str(Path(cfg.out) / name)) for name, c in runs.items()}
 
 
+def _ratio_plot(results: dict, key: str, title: str, path: Path) -> str:
+    """``key`` against the ratio: a line for the excess-loss runs, a cross per other score function."""
+    fig, ax = figure()
+    curve = sorted((r["ratio"], r.get(key)) for r in results.values() if r["score"] == "excess")
+    ax.plot(*zip(*curve), marker="o", label="excess loss (SLM)")
+    for r in results.values():
+        if r["score"] != "excess":
+            ax.scatter([r["ratio"]], [r.get(key)], marker="x", s=60, label=r["score"])
+    ax.set(xlabel="selection ratio", ylabel=key, title=title)
+    ax.legend()
+    return to_data_uri(fig, path)
+
+
 def sweep(cfg: SweepConfig, progress: bool = True) -> dict:
     runs = plan(cfg)
     out = Path(cfg.out)
@@ -61,29 +80,34 @@ def sweep(cfg: SweepConfig, progress: bool = True) -> dict:
             if progress:
                 print(f"sweep: {name} ({train_cfg.objective}, ratio {train_cfg.ratio}, score {train_cfg.score})")
             summary = train(train_cfg, progress)
+            if cfg.answers:
+                final = Path(train_cfg.out) / "final"
+                acc = answer_accuracy(load_model(str(final)), load_tokenizer(final),
+                                      AnswerConfig(cfg.answers, cfg.shots, limit=cfg.answers_limit, max_new_tokens=128,
+                                                   out=str(Path(train_cfg.out) / "answers.jsonl")), progress=False)
+                summary["answer_accuracy"] = acc["accuracy"]
+                done.write_text(json.dumps(summary, indent=2))
         results[name] = {"ratio": train_cfg.ratio, "score": train_cfg.score, **summary}
     target = cfg.target or next(
         (k for suffix in ("/target_loss", "/loss") for k in next(iter(results.values())) if k.startswith("eval/")
          and k.endswith(suffix)), None)
-    table = [(name, r["ratio"], r["score"], r.get(target)) for name, r in results.items()]
-    fig, ax = figure()
-    curve = sorted((r["ratio"], r.get(target)) for r in results.values() if r["score"] == "excess")
-    ax.plot(*zip(*curve), marker="o", label="excess loss (SLM)")
-    for r in results.values():
-        if r["score"] != "excess":
-            ax.scatter([r["ratio"]], [r.get(target)], marker="x", s=60, label=r["score"])
-    ax.set(xlabel="selection ratio", ylabel=target, title="Target loss against the selection ratio")
-    ax.legend()
-    uri = to_data_uri(fig, out / "sweep.png")
-    rows = "".join(f"<tr><td>{escape(n)}</td><td>{ra:g}</td><td>{escape(s)}</td><td>{v:.4f}</td></tr>"
-                   for n, ra, s, v in table)
+    table = [(name, r["ratio"], r["score"], r.get(target), r.get("answer_accuracy")) for name, r in results.items()]
+    uris = [_ratio_plot(results, target, "Target loss against the selection ratio", out / "sweep.png")]
+    if cfg.answers:
+        uris.append(_ratio_plot(results, "answer_accuracy", f"{cfg.shots}-shot answer accuracy against the ratio",
+                                out / "sweep_accuracy.png"))
+    acc_head = "<th>answer accuracy</th>" if cfg.answers else ""
+    rows = "".join(f"<tr><td>{escape(n)}</td><td>{ra:g}</td><td>{escape(s)}</td><td>{v:.4f}</td>"
+                   + (f"<td>{a:.1%}</td>" if cfg.answers else "") + "</tr>" for n, ra, s, v, a in table)
+    figures = "".join(f'<figure><img src="{u}" alt="sweep"></figure>' for u in uris)
     (out / "sweep.html").write_text(render_page(
-        "rho1 sweep", f"<table><tr><th>run</th><th>ratio</th><th>score</th><th>{escape(target)}</th></tr>{rows}</table>"
-        f'<figure><img src="{uri}" alt="sweep"></figure>'))
+        "rho1 sweep", f"<table><tr><th>run</th><th>ratio</th><th>score</th><th>{escape(target)}</th>{acc_head}</tr>"
+        f"{rows}</table>{figures}"))
     (out / "sweep.json").write_text(json.dumps({"target": target, "runs": results}, indent=2))
     if progress:
         print(f"\nrho1 sweep: {target} after {next(iter(results.values()))['tokens']:,} tokens per run")
-        for name, ratio, score, value in table:
-            print(f"  {name:<16} ratio {ratio:<4g} {score:<10} {value:.4f}")
+        for name, ratio, score, value, acc in table:
+            print(f"  {name:<16} ratio {ratio:<4g} {score:<10} {value:.4f}"
+                  + (f"  accuracy {acc:.1%}" if acc is not None else ""))
         print(f"table and plot: {out / 'sweep.html'}")
     return {"target": target, "runs": results}
