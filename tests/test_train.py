@@ -135,3 +135,9 @@ def test_scores_and_reference_together_are_refused(stores, corpus_scores, refere
     with pytest.raises(ValueError, match="either --scores .* or --reference"):
         train(_cfg(stores, tmp_path / "x", objective="slm", scores=str(corpus_scores.path),
                    reference=str(reference_model)), progress=False)
+
+
+def test_training_into_an_existing_run_is_refused_without_resume(stores, tmp_path):
+    train(_cfg(stores, tmp_path / "run", max_tokens=1024, eval_data=[]), progress=False)
+    with pytest.raises(ValueError, match="already holds a training run; pass --resume"):
+        train(_cfg(stores, tmp_path / "run", max_tokens=1024, eval_data=[]), progress=False)

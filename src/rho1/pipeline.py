@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -73,6 +74,8 @@ def compare(files: dict[str, Path], cfg: DemoConfig, progress: bool = True, seco
     ``offtarget`` (jsonl, ``text``: held-out text outside the target domain). Writes summary.json."""
     out = Path(cfg.out)
     seconds = dict(seconds or {})
+    for stale in ("stores", "base", "reference", "scores", "clm", "slm", "random"):  # a demo starts over
+        shutil.rmtree(out / stale, ignore_errors=True)
 
     def stage(name):
         if progress:

@@ -8,6 +8,7 @@ killed halfway skips the runs that finished when started again, and `rho1 report
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from rho1.analysis.viewer import render_page
 from rho1.data.tokenizer import load_tokenizer
 from rho1.model import load_model
 from rho1.selection import SCORE_FUNCTIONS, check_ratio, check_score
-from rho1.train import TrainConfig, train
+from rho1.train import TrainConfig, checkpoints, train
 
 
 @dataclass
@@ -79,6 +80,10 @@ def sweep(cfg: SweepConfig, progress: bool = True) -> dict:
         else:
             if progress:
                 print(f"sweep: {name} ({train_cfg.objective}, ratio {train_cfg.ratio}, score {train_cfg.score})")
+            if checkpoints(Path(train_cfg.out)):  # killed halfway: continue from its last checkpoint
+                train_cfg = replace(train_cfg, resume=True)
+            else:
+                shutil.rmtree(train_cfg.out, ignore_errors=True)
             summary = train(train_cfg, progress)
             if cfg.answers:
                 final = Path(train_cfg.out) / "final"

@@ -259,6 +259,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     next_eval = cfg.eval_every or math.inf
     next_save = cfg.save_every or math.inf
     resume_from = latest_checkpoint(out) if cfg.resume else None
+    if not cfg.resume and ((out / "final").exists() or checkpoints(out)):
+        raise ValueError(f"{out} already holds a training run; pass --resume to continue it, or another --out "
+                         "(or delete it) to start over")
     if resume_from is not None:
         state = read_training_state(resume_from)
         accelerator.load_state(str(resume_from / "state"))
