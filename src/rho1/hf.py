@@ -110,9 +110,8 @@ class SelectiveTrainer(Trainer):
 
     def _reference_loss(self, inputs: dict, shifted_labels: torch.Tensor) -> torch.Tensor:
         ref = self.reference_model
-        if self._ref_head is None:
-            out_head = ref.get_output_embeddings()
-            self._ref_head = ref if isinstance(out_head, torch.nn.Linear) and out_head.bias is None else False
+        if self._ref_head is None:  # the same check as the learner's head, once
+            self._ref_head = ref if head_is_linear(ref, inputs["input_ids"][:1, :32]) else False
         losses = batch_token_losses(ref, inputs["input_ids"][:, :-1], shifted_labels,
                                     head_of=self._ref_head or None)
         return torch.where(shifted_labels != IGNORE_INDEX, losses.half().float(), torch.nan)

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from rho1.accel import make_accelerator
+from rho1.accel import compute_dtype, make_accelerator
 from rho1.data.store import SCORE_FORMAT, ScoreStore, TokenStore, read_manifest, sha256_file, write_json_atomic
 from rho1.evaluate import linear_head_of, token_losses
 from rho1.model import check_model_fits, load_model, model_hash
@@ -73,7 +72,7 @@ def score(cfg: ScoreConfig, progress: bool = True) -> ScoreStore:
                          f"({model.config.max_position_embeddings}); pass a smaller --seq-len")
     model.to(accelerator.device)
     head_of = linear_head_of(model, store, cfg.seq_len)  # when set, no [tokens x vocab] logits are made
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    dtype = compute_dtype(cfg.precision)
 
     out = Path(cfg.out)
     n_windows = store.num_windows(cfg.seq_len)

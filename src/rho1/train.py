@@ -21,7 +21,7 @@ import yaml
 from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
 
-from rho1.accel import make_accelerator
+from rho1.accel import compute_dtype, make_accelerator
 from rho1.data.loader import IGNORE_INDEX, WindowOrder, make_batch
 from rho1.data.store import ScoreStore, TokenStore, sha256_file
 from rho1.evaluate import batch_token_losses, fixed_selection, linear_head_of, summarize, token_losses
@@ -186,7 +186,7 @@ class Evaluator:
 
     def __call__(self, model) -> dict:
         metrics = {}
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision)
+        dtype = compute_dtype(self.cfg.precision)
         for i, (name, store) in enumerate(zip(self.names, self.stores)):
             n = store.num_windows(self.cfg.seq_len)
             windows = np.arange(min(n, self.cfg.eval_max_windows) if self.cfg.eval_max_windows else n)
@@ -241,7 +241,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     chunked_head = (cfg.loss_impl == "auto" and accelerator.distributed_type in
                     (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
                     and linear_head_of(unwrapped, store, cfg.seq_len) is not None)
-    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    head_dtype = compute_dtype(cfg.precision)
     evaluator.head_of = unwrapped if chunked_head else None
 
     n_proc, rank = accelerator.num_processes, accelerator.process_index
@@ -336,8 +336,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         if chunked_head:
             with without_head(unwrapped) as weight, accelerator.autocast():
                 hidden = model(input_ids=batch.input_ids).logits
-            if compute_dtype is not None:
-                hidden = hidden.to(compute_dtype)
+            if head_dtype is not None:
+                hidden = hidden.to(head_dtype)
             return selective_linear_cross_entropy(hidden, weight, batch.labels, ref_loss, ratio, score,
                                                   generator=generator, gather=gather, rank=rank)
         with accelerator.autocast():
@@ -360,7 +360,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                             cfg.seq_len, scores).to(accelerator.device) for m in range(cfg.grad_accum)]
         if ref_model is not None:
             for batch in micro:
-                batch.ref_loss = online_reference_loss(ref_model, ref_head, batch, accelerator.autocast, compute_dtype)
+                batch.ref_loss = online_reference_loss(ref_model, ref_head, batch, accelerator.autocast, head_dtype)
         # One selection covers one micro-batch: this process's (micro scope) or the same micro-batch index
         # on every process (global scope). The loss is normalised by the tokens selected over the whole
         # step (all micro-batches, all processes), so accumulation and data parallelism keep the objective.
