@@ -1,7 +1,9 @@
-"""Set-up shared by the benchmark scripts: a TokenStore of generated demo web pages, and model shapes."""
+"""Set-up shared by the benchmark scripts: the real-data folder, a TokenStore of generated demo web pages, and
+model shapes."""
 
 from __future__ import annotations
 
+import argparse
 import shutil
 from pathlib import Path
 
@@ -27,3 +29,27 @@ def web_store(out: Path, n_web: int) -> TokenStore:
     files = demo.generate(out / "data", n_reference=10, n_web=n_web, n_heldout=1, n_offtarget=1)
     return prepare(PrepareConfig([str(files["web"])], str(out / "web"), train_tokenizer=2048, text_field="text"),
                    progress=False)
+
+
+# what a --data-dir must hold, relative to it
+DATA_FILES = ("gsm8k/train.jsonl", "gsm8k/test.jsonl", "gsm8k/example_model_solutions.jsonl",
+              "tinyshakespeare/input.txt")
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the project
+
+
+def add_data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR if DEFAULT_DATA_DIR.is_dir() else None,
+                        help=f"folder holding {', '.join(DATA_FILES)} (default ../shared/data beside the project)")
+
+
+def check_data_dir(data_dir: Path | None) -> Path:
+    """The real-data folder, or one sentence saying what it must hold and how to get it."""
+    missing = list(DATA_FILES) if data_dir is None else [f for f in DATA_FILES if not (data_dir / f).is_file()]
+    if missing:
+        where = "no --data-dir was given and ../shared/data does not exist" if data_dir is None else \
+            f"--data-dir {data_dir} lacks {', '.join(missing)}"
+        raise SystemExit(
+            f"{where}: pass --data-dir DIR holding {', '.join(DATA_FILES)} (GSM8K from github.com/openai/"
+            "grade-school-math, or `datasets.load_dataset('openai/gsm8k', 'main')` saved as train/test jsonl; "
+            "Tiny Shakespeare from karpathy/char-rnn)")
+    return data_dir

@@ -1,8 +1,9 @@
 """Data efficiency on real data: CLM vs SLM vs random-60% at an equal token budget, several seeds, in one run.
 
-    .venv/bin/python benchmarks/real_data_efficiency.py [--seeds 0 1 2] [--train-tokens 500000] [--out runs/bench-real]
+    .venv/bin/python benchmarks/real_data_efficiency.py [--data-dir ../shared/data] [--seeds 0 1 2]
+        [--train-tokens 500000] [--out runs/bench-real]
 
-Corpora, all from ../shared/data (never copied into the repository):
+Corpora, all from --data-dir (default ../shared/data beside the project; never copied into the repository):
   reference  GSM8K train problems 0-3999 with their worked answers (clean, target domain);
   web        the noisy corpus to train on: GSM8K train problems 4000-7472, the four model-written solutions
              (right and wrong) of GSM8K test problems 0-999, and Tiny Shakespeare without its last 10%;
@@ -19,17 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 from dataclasses import replace
 from pathlib import Path
 
 import transformers
+from common import add_data_dir, check_data_dir
 
 from rho1.pipeline import DemoConfig, compare
 
-SHARED = Path(os.environ.get("RHO1_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SOLVERS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
 QA = "Question: {question}\nAnswer: {answer}"
 
@@ -44,11 +44,12 @@ def _write(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def build_corpora(out: Path, n_reference: int = 4000, n_solved: int = 1000) -> tuple[dict[str, Path], dict]:
-    train = _jsonl(SHARED / "gsm8k" / "train.jsonl")
-    test = _jsonl(SHARED / "gsm8k" / "test.jsonl")
-    solutions = _jsonl(SHARED / "gsm8k" / "example_model_solutions.jsonl")
-    shakespeare = (SHARED / "tinyshakespeare" / "input.txt").read_text()
+def build_corpora(data_dir: Path, out: Path, n_reference: int = 4000,
+                  n_solved: int = 1000) -> tuple[dict[str, Path], dict]:
+    train = _jsonl(data_dir / "gsm8k" / "train.jsonl")
+    test = _jsonl(data_dir / "gsm8k" / "test.jsonl")
+    solutions = _jsonl(data_dir / "gsm8k" / "example_model_solutions.jsonl")
+    shakespeare = (data_dir / "tinyshakespeare" / "input.txt").read_text()
     cut = int(len(shakespeare) * 0.9)
     passages = lambda text: [text[i : i + 1500] for i in range(0, len(text), 1500)]  # noqa: E731
 
@@ -80,10 +81,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--train-tokens", type=int, default=500_000)
     parser.add_argument("--out", default="runs/bench-real")
+    add_data_dir(parser)
     args = parser.parse_args()
+    data_dir = check_data_dir(args.data_dir)
     transformers.utils.logging.disable_progress_bar()
     out = Path(args.out)
-    files, counts = build_corpora(out / "data")
+    files, counts = build_corpora(data_dir, out / "data")
     print("corpora: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()), flush=True)
     rows = []
     for seed in args.seeds:

@@ -1,10 +1,9 @@
-"""Shared fixtures: small real corpora from ../shared/data, tokenized once per session, and a tiny
-reference model trained for real on GSM8K."""
+"""Shared fixtures: small real corpora shipped in tests/data (slices of GSM8K and Tiny Shakespeare, see
+tests/data/README.md), tokenized once per session, and a tiny reference model trained for real on GSM8K."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -17,16 +16,16 @@ from rho1.train import TrainConfig, train
 transformers.utils.logging.disable_progress_bar()
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("RHO1_SHARED_DATA", ROOT.parent / "shared" / "data"))
+DATA = ROOT / "tests" / "data"
 MATH_TEMPLATE = "Question: {question}\nAnswer: {answer}"
 SEQ_LEN = 64
 
 
-def _shared(*parts) -> Path:
-    path = SHARED.joinpath(*parts)
+def data_file(*parts) -> Path:
+    """A file shipped under tests/data (the tests read nothing outside the repository)."""
+    path = DATA.joinpath(*parts)
     if not path.exists():
-        pytest.fail(f"test data {path} is missing: the tests read ../shared/data beside the repository "
-                    "(or the folder named by RHO1_SHARED_DATA)")
+        pytest.fail(f"test data {path} is missing from the repository")
     return path
 
 
@@ -38,15 +37,15 @@ def _head_jsonl(src: Path, dst: Path, start: int, n: int) -> Path:
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> dict[str, Path]:
-    """Small jsonl/txt slices of the shared data (the shared files themselves are read-only)."""
+    """Small jsonl/txt slices of tests/data, copied so a test may change them."""
     d = tmp_path_factory.mktemp("data")
-    train_jsonl = _shared("gsm8k", "train.jsonl")
-    shakespeare = _shared("tinyshakespeare", "input.txt").read_text()[:60_000]
+    train_jsonl = data_file("gsm8k", "train.jsonl")
+    shakespeare = data_file("tinyshakespeare", "input.txt").read_text()[:60_000]
     (d / "shakespeare.txt").write_text(shakespeare)
     return {
         "reference": _head_jsonl(train_jsonl, d / "reference.jsonl", 0, 300),
         "mixed_math": _head_jsonl(train_jsonl, d / "mixed_math.jsonl", 300, 150),
-        "heldout": _head_jsonl(_shared("gsm8k", "test.jsonl"), d / "heldout.jsonl", 0, 60),
+        "heldout": _head_jsonl(data_file("gsm8k", "test.jsonl"), d / "heldout.jsonl", 0, 60),
         "shakespeare": d / "shakespeare.txt",
     }
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import _shared
+from conftest import data_file
 
 from rho1.accuracy import AnswerConfig, answer_accuracy, extract_answer, few_shot_prompt, generate_answers
 from rho1.cli import main
@@ -13,8 +13,9 @@ from rho1.model import load_model
 
 
 def test_every_gsm8k_gold_answer_extracts_to_itself():
-    records = [json.loads(line) for line in _shared("gsm8k", "test.jsonl").read_text().splitlines()]
-    assert len(records) == 1319
+    records = [json.loads(line) for name in ("train.jsonl", "test.jsonl")
+               for line in data_file("gsm8k", name).read_text().splitlines()]
+    assert len(records) == 650
     for r in records:
         gold = r["answer"].split("####")[-1].strip().replace(",", "")
         assert extract_answer(r["answer"]) == gold, r["answer"]
@@ -43,8 +44,8 @@ def test_accuracy_equals_a_hand_count(reference_model, tmp_path):
     not: the accuracy from `rho1 eval --answers` equals that count, and the batched, left-padded generation
     equals a plain one-prompt-at-a-time greedy loop."""
     model, tok = load_model(str(reference_model)).eval(), load_tokenizer(str(reference_model))
-    test = [json.loads(line) for line in _shared("gsm8k", "test.jsonl").read_text().splitlines()[:6]]
-    exemplar = [json.loads(_shared("gsm8k", "train.jsonl").read_text().splitlines()[0])]
+    test = [json.loads(line) for line in data_file("gsm8k", "test.jsonl").read_text().splitlines()[:6]]
+    exemplar = [json.loads(data_file("gsm8k", "train.jsonl").read_text().splitlines()[0])]
     prompts = [few_shot_prompt(r["question"], exemplar) for r in test]
     batched = generate_answers(model, tok, prompts, max_new_tokens=24, batch_size=4)
     for prompt, text in zip(prompts[:2], batched[:2]):  # greedy by hand, no padding
