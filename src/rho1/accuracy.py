@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from rho1.config import AnswerConfig
 from rho1.data.sources import read_jsonl_records
+from rho1.progress import progress_bar
 
 QA_TEMPLATE = "Question: {question}\nAnswer:"
 STOP = "\nQuestion:"  # the model starting the next problem ends its answer
@@ -53,18 +53,6 @@ def few_shot_prompt(question: str, exemplars: list[dict]) -> str:
     return shots + QA_TEMPLATE.format(question=question)
 
 
-@dataclass
-class AnswerConfig:
-    answers: str = ""  # jsonl with question / answer
-    shots: int = 0
-    exemplars: str | None = None  # jsonl of solved problems for the prompts (default: the first `shots` records,
-    #                               which are then left out of the evaluation)
-    limit: int = 0  # evaluate the first N problems (0 = all)
-    max_new_tokens: int = 256
-    batch_size: int = 16
-    out: str | None = None  # JSONL of every prompt, generation, extracted and gold answer
-
-
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 16,
                      progress: bool = False) -> list[str]:
@@ -72,7 +60,7 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     outputs = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
+    for start in progress_bar(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
         batch = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts[start : start + batch_size]]
         width = max(len(ids) for ids in batch)
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)  # left padding

@@ -10,19 +10,14 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-# Sized for CPU: nano for tests (seconds), tiny for the demo, small for the calibration runs in DESIGN.
-PRESETS = {
-    "nano": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
-    "tiny": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=384),
-    "small": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512),
-}
+from rho1.config import MODEL_PRESETS
 
 
 def build_model(preset: str, vocab_size: int, max_positions: int, eos_token_id: int, pad_token_id: int | None = None,
                 seed: int = 0) -> LlamaForCausalLM:
     """A freshly initialised Llama of a preset size with tied embeddings."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if preset not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
     config = LlamaConfig(
         vocab_size=vocab_size,
         max_position_embeddings=max_positions,
@@ -31,7 +26,7 @@ def build_model(preset: str, vocab_size: int, max_positions: int, eos_token_id: 
         bos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         rms_norm_eps=1e-5,
-        **PRESETS[preset],
+        **MODEL_PRESETS[preset],
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -41,9 +36,12 @@ def build_model(preset: str, vocab_size: int, max_positions: int, eos_token_id: 
 
 def load_model(name_or_path: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None):
     """Any Hugging Face causal LM by local path or hub name, from safetensors weights only."""
+    from rho1.pretrained import locate
+
+    name = locate(name_or_path, "model")
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype or torch.float32
+            name, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype or torch.float32
         )
     except OSError as err:
         if "safetensors" in str(err).lower():
@@ -51,7 +49,10 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, dtype: torch.
                 f"model {name_or_path} has no safetensors weights; rho1 never loads pickled checkpoints, "
                 "convert it with save_pretrained(..., safe_serialization=True)"
             ) from None
-        raise
+        raise ValueError(f"could not load model {name_or_path}: {' '.join(str(err).split())[:300]}") from err
+    except ValueError as err:  # e.g. "Unrecognized model", a config of another kind of model
+        raise ValueError(f"could not load model {name_or_path} as a causal LM: {' '.join(str(err).split())[:300]}") \
+            from err
     return model
 
 

@@ -11,15 +11,19 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from rho1.accuracy import AnswerConfig, answer_accuracy
 from rho1.analysis.dynamics import DynamicsConfig, compute_dynamics
 from rho1.analysis.report import ReportConfig, report
 from rho1.analysis.viewer import ViewConfig, build_view, run_checkpoint_columns
+from rho1.config import DemoConfig
 from rho1.data import demo as demo_data
 from rho1.data.prepare import PrepareConfig, prepare
+from rho1.data.store import check_writable
 from rho1.data.tokenizer import load_tokenizer
 from rho1.evaluate import read_curve, token_efficiency
 from rho1.model import load_model
@@ -29,39 +33,12 @@ from rho1.train import TrainConfig, train
 MATH_TEMPLATE = "Question: {question}\nAnswer: {answer}"
 
 
-@dataclass
-class DemoConfig:
-    out: str = "runs/demo"
-    seed: int = 0
-    model_preset: str = "tiny"
-    vocab_size: int = 2048
-    seq_len: int = 256
-    batch_size: int = 8
-    lr: float = 2e-3
-    ratio: float = 0.6
-    base_tokens: int = 300_000  # > 0: pretrain a base model on the web corpus; reference, CLM and SLM start from it
-    reference_tokens: int = 300_000
-    train_tokens: int = 500_000
-    eval_points: int = 14
-    n_reference: int = 3000
-    n_web: int = 3500
-    n_heldout: int = 250
-    n_offtarget: int = 150
-    math_share: float = 0.35  # share of web pages with a worked problem
-    wrong_share: float = 0.5  # share of those whose worked answer has a mistake
-    accuracy_problems: int = 100  # held-out problems for answer accuracy (2-shot, greedy); 0 = skip
-
-
-PRESETS = {
-    "default": DemoConfig(),
-    "quick": DemoConfig(model_preset="nano", vocab_size=512, seq_len=128, base_tokens=20_000, reference_tokens=40_000,
-                        train_tokens=60_000, eval_points=4, n_reference=300, n_web=400, n_heldout=40, n_offtarget=20,
-                        accuracy_problems=10),
-}
-
-
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     """Generate the demo corpora, then ``compare`` CLM, SLM and the random control on them."""
+    cfg.check()
+    check_writable(cfg.out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     start = time.time()
     files = demo_data.generate(Path(cfg.out) / "data", cfg.seed, cfg.n_reference, cfg.n_web, cfg.n_heldout,
                                cfg.n_offtarget, cfg.math_share, cfg.wrong_share)

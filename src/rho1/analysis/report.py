@@ -9,7 +9,6 @@ against the first run (or the first CLM run). Plots are inline PNG data URIs; th
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
@@ -20,6 +19,8 @@ from markupsafe import Markup
 from rho1.analysis.dynamics import CLASSES, Dynamics, classify
 from rho1.analysis.plots import figure, to_data_uri
 from rho1.analysis.viewer import render_page
+from rho1.config import ReportConfig
+from rho1.data.store import check_writable
 from rho1.evaluate import read_curve, token_efficiency
 
 BODY = jinja2.Template("""\
@@ -43,14 +44,6 @@ final {{ target_name }} divided by the tokens the run needs to reach it (dropped
 """, autoescape=True)
 
 STYLE = "figure { display: inline-block; margin: 0.5em; } img { max-width: 560px; }"
-
-
-@dataclass
-class ReportConfig:
-    runs: list[str] = field(default_factory=list)
-    out: str = "report.html"
-    target: str | None = None  # eval metric for curves and efficiency, e.g. eval/heldout/target_loss (default: found)
-    baseline: str | None = None  # run name (folder) efficiency is measured against (default: first CLM run)
 
 
 def read_run(path: Path) -> dict:
@@ -157,6 +150,8 @@ def build_report(cfg: ReportConfig, viewer_html: str | None = None) -> tuple[str
 
 
 def report(cfg: ReportConfig, viewer_html: str | None = None, progress: bool = True) -> dict:
+    cfg.check()
+    check_writable(cfg.out, folder=False)
     html, summary = build_report(cfg, viewer_html)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
