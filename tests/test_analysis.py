@@ -175,11 +175,17 @@ def test_cli_dynamics_view_report_and_sweep(stores, corpus_scores, dyn_run, data
     args = ["sweep", "--data", str(stores["corpus"].path), "--scores", str(corpus_scores.path), "--model-preset",
             "nano", "--seq-len", str(SEQ_LEN), "--batch-size", "8", "--max-tokens", "2048", "--eval-data",
             str(stores["heldout"].path), "--ratios", "0.5", "1.0", "--score-functions", "excess", "random",
-            "--answers", str(data_dir["heldout"]), "--shots", "1", "--answers-limit", "3", "--out", str(sweep_dir)]
+            "--out", str(sweep_dir)]
     assert main(args) == 0
     result = json.loads((sweep_dir / "sweep.json").read_text())
-    assert set(result["runs"]) == {"ratio-0.5", "clm", "score-random"}
+    # the ablation at 0.6 gets an excess-loss run at 0.6 to compare with
+    assert set(result["runs"]) == {"ratio-0.5", "ratio-0.6", "clm", "score-random"}
     assert result["runs"]["score-random"]["ratio"] == 0.6 and (sweep_dir / "sweep.png").is_file()
+    assert all("answer_accuracy" not in r for r in result["runs"].values())
+    # --answers over runs an earlier sweep finished: their accuracy is measured, not formatted as None
+    args += ["--answers", str(data_dir["heldout"]), "--shots", "1", "--answers-limit", "3"]
+    assert main(args) == 0
+    result = json.loads((sweep_dir / "sweep.json").read_text())
     assert all(0.0 <= r["answer_accuracy"] <= 1.0 for r in result["runs"].values())
     assert (sweep_dir / "sweep_accuracy.png").is_file() and "answer accuracy" in (sweep_dir / "sweep.html").read_text()
     assert main(args) == 0 and "already done" in capsys.readouterr().out  # a rerun skips finished runs

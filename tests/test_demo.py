@@ -78,4 +78,4 @@ def test_cli_stages_with_yaml_config_and_eval(stores, reference_model, corpus_sc
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rate: 1\n")
     assert main(["train", "--config", str(bad)]) == 2
-    assert "unknown keys ['learning_rate']" in capsys.readouterr().err
+    assert "unknown key 'learning_rate'" in capsys.readouterr().err

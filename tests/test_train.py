@@ -72,7 +72,7 @@ def test_gradient_accumulation_keeps_the_objective(stores, corpus_scores, tmp_pa
 @pytest.mark.parametrize("kw, message", [
     (dict(objective="slm", ratio=1.5), r"selection ratio must be in \(0, 1\]"),
     (dict(objective="slm"), "needs reference losses; pass --scores"),
-    (dict(objective="dpo"), "--objective must be clm or slm"),
+    (dict(objective="dpo"), "--objective must be one of clm, slm, got 'dpo'"),
 ])
 def test_bad_training_options_are_refused(stores, tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):

@@ -7,11 +7,12 @@ import math
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from rho1.config import EvalConfig
 from rho1.data.loader import make_batch
 from rho1.data.store import TokenStore
 from rho1.model import head_is_linear, without_head
+from rho1.progress import progress_bar
 from rho1.selection import chunked_cross_entropy, num_selected, select_top, token_cross_entropy
 
 
@@ -55,7 +56,7 @@ def token_losses(model, store: TokenStore, seq_len: int, batch_size: int = 16, w
     device = next(model.parameters()).device
     windows = np.arange(store.num_windows(seq_len)) if windows is None else np.asarray(windows)
     out = np.full(store.n_tokens, np.nan, dtype=np.float32)
-    bar = tqdm(total=len(windows) * seq_len, desc=desc, unit="tok", unit_scale=True, disable=not progress)
+    bar = progress_bar(total=len(windows) * seq_len, desc=desc, unit="tok", unit_scale=True, disable=not progress)
     for i in range(0, len(windows), batch_size):
         batch = make_batch(store, windows[i : i + batch_size], seq_len).to(device)
         losses = batch_token_losses(model, batch.input_ids, batch.labels, autocast, head_of, dtype)
@@ -95,6 +96,46 @@ def summarize(losses: np.ndarray, store: TokenStore, ref: np.ndarray | None = No
             metrics["selected_loss"] = _mean(losses, evaluated & selected)
             metrics["unselected_loss"] = _mean(losses, evaluated & ~selected & np.isfinite(ref))
     return metrics
+
+
+def evaluate_model(cfg: EvalConfig, progress: bool = True) -> dict:
+    """`rho1 eval`: held-out losses of one model on each store (all / target / selected / unselected tokens,
+    the split being the top ``ratio`` by excess loss of this model), and few-shot answer accuracy."""
+    from pathlib import Path
+
+    from rho1.data.store import ScoreStore, check_writable
+    from rho1.data.tokenizer import load_tokenizer
+    from rho1.model import check_model_fits, load_model
+
+    cfg.check()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    stores = [TokenStore.open(p).verify() for p in cfg.data]
+    scores = [ScoreStore.open(s, st).verify() if s else None for s, st in zip(cfg.scores or [""] * len(stores), stores)]
+    seq_len = cfg.seq_len or next((s.seq_len for s in scores if s is not None), 256)
+    for s in scores:
+        if s is not None and s.seq_len != seq_len:
+            raise ValueError(f"scores {s.path} use windows of {s.seq_len} tokens but --seq-len is {seq_len}; "
+                             f"pass --seq-len {s.seq_len}" + ("" if cfg.seq_len else " and evaluate each store alone"))
+    if cfg.generations:
+        check_writable(cfg.generations, "--generations", folder=False)
+    model = load_model(cfg.model, cfg.trust_remote_code)
+    results = {}
+    if cfg.answers:
+        from rho1.accuracy import answer_accuracy
+        from rho1.config import AnswerConfig
+
+        answers = AnswerConfig(cfg.answers, cfg.shots, cfg.exemplars, cfg.limit, cfg.max_new_tokens, cfg.batch_size,
+                               cfg.generations)
+        results["answers"] = answer_accuracy(model, load_tokenizer(cfg.model, cfg.trust_remote_code), answers)
+    for store, score_store in zip(stores, scores):
+        check_model_fits(model, store, cfg.model)
+        losses = token_losses(model, store, seq_len, cfg.batch_size, progress=progress, desc=store.path.name,
+                              head_of=linear_head_of(model, store, seq_len))
+        ref = None if score_store is None else np.asarray(score_store.scores, np.float32)
+        selected = None if ref is None else fixed_selection(losses, ref, cfg.ratio)
+        results[Path(store.path).name] = summarize(losses, store, ref, selected)
+    return results
 
 
 def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:

@@ -97,10 +97,25 @@ class SelectiveTrainer(Trainer):
         self.loss_impl = loss_impl
         self._chunked_head: bool | None = None  # decided at the first batch (see _use_chunked_head)
         self.reference_model = reference_model
+        if self.ratio < 1.0 and self.score in ("excess", "reference") and not self._has_reference_losses():
+            raise ValueError(f"SelectiveTrainer with score={self.score!r} needs reference losses: pass "
+                             "reference_model=MODEL, or data_collator=SelectiveCollator(tokenizer, scores=ScoreStore) "
+                             "over a windows_dataset, or a dataset with a 'ref_loss' column")
         if reference_model is not None:
             reference_model.to(self.args.device).eval().requires_grad_(False)
         self._ref_head = None
         self.selection_stats: dict = {}
+
+    def _has_reference_losses(self) -> bool:
+        if self.reference_model is not None or getattr(self.data_collator, "scores", None) is not None:
+            return True
+        columns = getattr(self.train_dataset, "column_names", None)
+        if columns is None and self.train_dataset is not None and hasattr(self.train_dataset, "__getitem__"):
+            try:
+                columns = list(self.train_dataset[0])
+            except (IndexError, KeyError, TypeError):
+                columns = []
+        return "ref_loss" in (columns or [])
 
     def _set_signature_columns_if_needed(self):
         # keep the columns the collator needs when Trainer drops those the model's forward does not take

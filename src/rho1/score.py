@@ -11,38 +11,40 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+import torch
 
 from rho1.accel import compute_dtype, make_accelerator
-from rho1.data.store import SCORE_FORMAT, ScoreStore, TokenStore, read_manifest, sha256_file, write_json_atomic
+from rho1.config import Interrupted, ScoreConfig
+from rho1.data.store import (
+    SCORE_FORMAT,
+    ScoreStore,
+    TokenStore,
+    check_writable,
+    read_manifest,
+    sha256_file,
+    write_json_atomic,
+)
 from rho1.evaluate import linear_head_of, token_losses
 from rho1.model import check_model_fits, load_model, model_hash
-
-
-@dataclass
-class ScoreConfig:
-    data: str = ""
-    model: str = ""
-    out: str = "scores"
-    seq_len: int = 256
-    batch_size: int = 32
-    precision: str = "no"  # no | bf16 | fp16
-    chunk_windows: int = 256  # windows per chunk: the unit of work split across processes and resumed
-    trust_remote_code: bool = False
+from rho1.progress import progress_bar
 
 
 def _check_same_job(out: Path, identity: dict) -> None:
     """An existing ScoreStore at ``out`` must be this very job (then it is resumed); every process checks,
     before any waits on the others, so a refusal cannot leave a process waiting forever."""
+    check_writable(out)
     if not (out / "manifest.json").is_file():
+        if out.is_dir() and any(out.iterdir()):
+            raise ValueError(f"--out {out} is a folder that holds other files; choose a new or empty folder")
         return
     manifest = read_manifest(out, "ScoreStore", SCORE_FORMAT)
     for key, value in identity.items():
-        if manifest.get(key) != value:
+        # names are as the user spelled them (a relative path, a copy of a model): the hashes decide
+        same = (manifest.get(key) or {}).get("hash") == value["hash"] if key == "model" else manifest.get(key) == value
+        if key != "token_store" and not same:
             raise ValueError(f"{out} holds scores of another job ({key} differs: {manifest.get(key)!r} vs "
                              f"{value!r}); remove it or write to another --out")
 
@@ -63,6 +65,10 @@ def _mark_done(out: Path, chunk: int) -> None:
 
 
 def score(cfg: ScoreConfig, progress: bool = True) -> ScoreStore:
+    cfg.check()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    check_writable(cfg.out)
     store = TokenStore.open(cfg.data).verify()
     accelerator = make_accelerator(cfg.precision)
     model = load_model(cfg.model, cfg.trust_remote_code)
@@ -78,7 +84,7 @@ def score(cfg: ScoreConfig, progress: bool = True) -> ScoreStore:
     n_windows = store.num_windows(cfg.seq_len)
     n_chunks = -(-n_windows // cfg.chunk_windows)
     identity = {
-        "token_store": str(store.path),
+        "token_store": str(store.path.resolve()),
         "token_store_hash": store.hash,
         "tokenizer_hash": store.tokenizer_hash,
         "n_tokens": store.n_tokens,
@@ -97,18 +103,24 @@ def score(cfg: ScoreConfig, progress: bool = True) -> ScoreStore:
     mine = [c for c in range(accelerator.process_index, n_chunks, accelerator.num_processes) if c not in done]
     scores = np.memmap(out / "scores.bin", dtype=np.float16, mode="r+", shape=(store.n_tokens,))
     start = time.time()
-    bar = tqdm(total=len(mine) * cfg.chunk_windows * cfg.seq_len, desc="score", unit="tok", unit_scale=True,
+    bar = progress_bar(total=len(mine) * cfg.chunk_windows * cfg.seq_len, desc="score", unit="tok", unit_scale=True,
                disable=not (progress and accelerator.is_main_process))
-    for chunk in mine:
-        windows = np.arange(chunk * cfg.chunk_windows, min((chunk + 1) * cfg.chunk_windows, n_windows))
-        losses = token_losses(model, store, cfg.seq_len, cfg.batch_size, windows, autocast=accelerator.autocast,
-                              head_of=head_of, dtype=dtype)
-        lo = int(windows[0]) * cfg.seq_len
-        hi = store.n_tokens if chunk == n_chunks - 1 else int(windows[-1] + 1) * cfg.seq_len
-        scores[lo:hi] = losses[lo:hi].astype(np.float16)
-        scores.flush()
-        _mark_done(out, chunk)
-        bar.update(len(windows) * cfg.seq_len)
+    try:
+        for chunk in mine:
+            windows = np.arange(chunk * cfg.chunk_windows, min((chunk + 1) * cfg.chunk_windows, n_windows))
+            losses = token_losses(model, store, cfg.seq_len, cfg.batch_size, windows, autocast=accelerator.autocast,
+                                  head_of=head_of, dtype=dtype)
+            lo = int(windows[0]) * cfg.seq_len
+            hi = store.n_tokens if chunk == n_chunks - 1 else int(windows[-1] + 1) * cfg.seq_len
+            scores[lo:hi] = losses[lo:hi].astype(np.float16)
+            scores.flush()
+            _mark_done(out, chunk)
+            bar.update(len(windows) * cfg.seq_len)
+    except KeyboardInterrupt:
+        bar.close()
+        finished = sum(p.name.isdigit() for p in (out / "progress").iterdir())
+        raise Interrupted(f"interrupted with {finished} of {n_chunks} chunks of {out} scored; run the same "
+                          "command again to score the rest") from None
     bar.close()
     seconds = time.time() - start
     del scores

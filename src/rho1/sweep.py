@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from markupsafe import escape
@@ -17,41 +17,29 @@ from markupsafe import escape
 from rho1.accuracy import AnswerConfig, answer_accuracy
 from rho1.analysis.plots import figure, to_data_uri
 from rho1.analysis.viewer import render_page
+from rho1.config import SweepConfig
+from rho1.data.store import check_writable
 from rho1.data.tokenizer import load_tokenizer
 from rho1.model import load_model
-from rho1.selection import SCORE_FUNCTIONS, check_ratio, check_score
 from rho1.train import TrainConfig, checkpoints, train
 
 
-@dataclass
-class SweepConfig:
-    train: TrainConfig = field(default_factory=TrainConfig)  # data, scores, model, budget, eval_data ...
-    out: str = "runs/sweep"
-    ratios: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8, 1.0])
-    score_functions: list[str] = field(default_factory=lambda: list(SCORE_FUNCTIONS))
-    ablation_ratio: float = 0.6  # the ratio the score functions are compared at
-    target: str | None = None  # eval metric, default: the first eval store's target_loss (else loss)
-    answers: str | None = None  # GSM8K-style jsonl: also the answer accuracy of each run's final model
-    shots: int = 2  # exemplars per prompt (the first `shots` problems of `answers`, left out)
-    answers_limit: int = 100
-
-
 def plan(cfg: SweepConfig) -> dict[str, TrainConfig]:
-    """Run name -> its training config: the excess-loss runs at each ratio, then the other score functions."""
-    for r in cfg.ratios:
-        check_ratio(r)
-    for s in cfg.score_functions:
-        check_score(s)
-    if not cfg.train.eval_data:
-        raise ValueError("rho1 sweep compares held-out losses: pass --eval-data HELDOUT_STORE (with --eval-scores)")
+    """Run name -> its training config: the excess-loss runs at each ratio (and at the ablation ratio, so
+    each other score function has an excess-loss run to compare with), then the other score functions."""
+    cfg.check()
+    ablations = [s for s in cfg.score_functions if s != "excess"]
     runs = {}
-    for r in sorted(set(cfg.ratios)):
+    for r in sorted(set(cfg.ratios) | ({cfg.ablation_ratio} if ablations else set())):
         objective = "clm" if r == 1.0 else "slm"
         runs["clm" if r == 1.0 else f"ratio-{r:g}"] = replace(cfg.train, objective=objective, ratio=r, score="excess")
-    for s in cfg.score_functions:
-        if s != "excess":
+    for s in ablations:
             runs[f"score-{s}"] = replace(cfg.train, objective="slm", ratio=cfg.ablation_ratio, score=s)
     return {name: replace(c, out=str(Path(cfg.out) / name)) for name, c in runs.items()}
+
+
+def _num(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def _ratio_plot(results: dict, key: str, title: str, path: Path) -> str:
@@ -70,6 +58,7 @@ def _ratio_plot(results: dict, key: str, title: str, path: Path) -> str:
 def sweep(cfg: SweepConfig, progress: bool = True) -> dict:
     runs = plan(cfg)
     out = Path(cfg.out)
+    check_writable(out)
     results = {}
     for name, train_cfg in runs.items():
         done = Path(train_cfg.out) / "summary.json"
@@ -85,13 +74,13 @@ def sweep(cfg: SweepConfig, progress: bool = True) -> dict:
             else:
                 shutil.rmtree(train_cfg.out, ignore_errors=True)
             summary = train(train_cfg, progress)
-            if cfg.answers:
-                final = Path(train_cfg.out) / "final"
-                acc = answer_accuracy(load_model(str(final)), load_tokenizer(final),
-                                      AnswerConfig(cfg.answers, cfg.shots, limit=cfg.answers_limit, max_new_tokens=128,
-                                                   out=str(Path(train_cfg.out) / "answers.jsonl")), progress=False)
-                summary["answer_accuracy"] = acc["accuracy"]
-                done.write_text(json.dumps(summary, indent=2))
+        if cfg.answers and summary.get("answer_accuracy") is None:  # also for a run finished by an earlier sweep
+            final = Path(train_cfg.out) / "final"
+            acc = answer_accuracy(load_model(str(final)), load_tokenizer(final),
+                                  AnswerConfig(cfg.answers, cfg.shots, limit=cfg.answers_limit, max_new_tokens=128,
+                                               out=str(Path(train_cfg.out) / "answers.jsonl")), progress=False)
+            summary["answer_accuracy"] = acc["accuracy"]
+            done.write_text(json.dumps(summary, indent=2))
         results[name] = {"ratio": train_cfg.ratio, "score": train_cfg.score, **summary}
     target = cfg.target or next(
         (k for suffix in ("/target_loss", "/loss") for k in next(iter(results.values())) if k.startswith("eval/")
@@ -102,8 +91,8 @@ def sweep(cfg: SweepConfig, progress: bool = True) -> dict:
         uris.append(_ratio_plot(results, "answer_accuracy", f"{cfg.shots}-shot answer accuracy against the ratio",
                                 out / "sweep_accuracy.png"))
     acc_head = "<th>answer accuracy</th>" if cfg.answers else ""
-    rows = "".join(f"<tr><td>{escape(n)}</td><td>{ra:g}</td><td>{escape(s)}</td><td>{v:.4f}</td>"
-                   + (f"<td>{a:.1%}</td>" if cfg.answers else "") + "</tr>" for n, ra, s, v, a in table)
+    rows = "".join(f"<tr><td>{escape(n)}</td><td>{ra:g}</td><td>{escape(s)}</td><td>{_num(v, '.4f')}</td>"
+                   + (f"<td>{_num(a, '.1%')}</td>" if cfg.answers else "") + "</tr>" for n, ra, s, v, a in table)
     figures = "".join(f'<figure><img src="{u}" alt="sweep"></figure>' for u in uris)
     (out / "sweep.html").write_text(render_page(
         "rho1 sweep", f"<table><tr><th>run</th><th>ratio</th><th>score</th><th>{escape(target)}</th>{acc_head}</tr>"
@@ -112,7 +101,7 @@ def sweep(cfg: SweepConfig, progress: bool = True) -> dict:
     if progress:
         print(f"\nrho1 sweep: {target} after {next(iter(results.values()))['tokens']:,} tokens per run")
         for name, ratio, score, value, acc in table:
-            print(f"  {name:<16} ratio {ratio:<4g} {score:<10} {value:.4f}"
+            print(f"  {name:<16} ratio {ratio:<4g} {score:<10} {_num(value, '.4f')}"
                   + (f"  accuracy {acc:.1%}" if acc is not None else ""))
         print(f"table and plot: {out / 'sweep.html'}")
     return {"target": target, "runs": results}

@@ -7,28 +7,29 @@ order, forward each micro-batch, keep the selected tokens' loss, step, log, eval
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator, DistributedType
-from tqdm.auto import tqdm
+from safetensors import SafetensorError
 
 from rho1.accel import compute_dtype, make_accelerator
+from rho1.config import Interrupted, TrainConfig
 from rho1.data.loader import IGNORE_INDEX, WindowOrder, make_batch
-from rho1.data.store import ScoreStore, TokenStore, sha256_file
+from rho1.data.store import ScoreStore, TokenStore, check_writable, sha256_file
 from rho1.evaluate import batch_token_losses, fixed_selection, linear_head_of, summarize, token_losses
 from rho1.model import build_model, check_model_fits, load_model, save_checkpoint, without_head
+from rho1.progress import progress_bar
 from rho1.selection import (
-    check_ratio,
-    check_score,
     num_selected,
     select_from_token_loss,
     selective_linear_cross_entropy,
@@ -37,65 +38,10 @@ from rho1.selection import (
 )
 
 
-@dataclass
-class TrainConfig:
-    data: str = ""  # TokenStore to train on
-    out: str = "runs/train"
-    objective: str = "clm"  # clm | slm
-    scores: str | None = None  # ScoreStore of `data` (needed for slm, optional for clm: logs what slm would keep)
-    reference: str | None = None  # instead of --scores: a reference model whose losses are computed in the loop
-    ratio: float = 0.6
-    score: str = "excess"  # excess | reference | learner | random
-    selection_scope: str = "micro"  # micro: rank each process's micro-batch; global: all processes' at once
-    model: str | None = None  # HF name or path to start from; else a fresh --model-preset
-    model_preset: str = "tiny"
-    trust_remote_code: bool = False
-    seq_len: int = 256
-    batch_size: int = 16  # windows per micro-batch per process
-    grad_accum: int = 1
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    max_tokens: int = 1_000_000
-    seed: int = 0
-    precision: str = "no"  # no | bf16 | fp16
-    eval_data: list[str] = field(default_factory=list)
-    eval_scores: list[str] = field(default_factory=list)  # ScoreStores of eval_data, same order ("" for none)
-    eval_every: int = 0  # tokens; 0 = only at the start and the end
-    eval_max_windows: int = 0  # 0 = every window of each eval store
-    save_every: int = 0  # tokens; 0 = only the final checkpoint
-    keep_last: int = 3  # checkpoints kept under checkpoints/ (older ones are deleted)
-    resume: bool = False  # continue from the newest complete checkpoint in `out`
-    skip_nonfinite: bool = False  # skip a step whose loss or gradient is NaN/inf instead of stopping
-    log_every: int = 1  # steps
-    # auto: the loss from the LM head's input in chunks (no [tokens x vocab] logits, no head backward for
-    # unselected tokens) when the model's logits are a plain linear head; logits: always the full logits
-    loss_impl: str = "auto"
-
-
-def check_config(cfg: TrainConfig) -> None:
-    if cfg.objective not in ("clm", "slm"):
-        raise ValueError(f"--objective must be clm or slm, got {cfg.objective!r}")
-    check_ratio(cfg.ratio)
-    check_score(cfg.score)
-    if cfg.selection_scope not in ("micro", "global"):
-        raise ValueError(f"--selection-scope must be micro or global, got {cfg.selection_scope!r}")
-    if cfg.scores and cfg.reference:
-        raise ValueError("pass either --scores (stored reference losses) or --reference (a reference model run in the "
-                         "loop), not both")
-    if cfg.objective == "slm" and not (cfg.scores or cfg.reference) and cfg.score in ("excess", "reference"):
-        raise ValueError(f"--objective slm with --score {cfg.score} needs reference losses; pass --scores SCORE_STORE "
-                         "(made by `rho1 score`) or --reference MODEL")
-    if cfg.loss_impl not in ("auto", "logits"):
-        raise ValueError(f"--loss-impl must be auto or logits, got {cfg.loss_impl!r}")
-    if cfg.eval_scores and len(cfg.eval_scores) != len(cfg.eval_data):
-        raise ValueError(f"--eval-scores names {len(cfg.eval_scores)} stores but --eval-data {len(cfg.eval_data)}; "
-                         "give one per eval store, '' where there is none")
-    for name in ("batch_size", "grad_accum", "seq_len", "max_tokens"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+def selection_seed(cfg: TrainConfig, step: int, micro: int, rank: int) -> int:
+    """The seed of the random control's scores: its own stream for each step, micro-batch and process
+    (rank 0 keeps the single-process stream)."""
+    return cfg.seed * 1_000_003 + step * cfg.grad_accum + micro + rank * 7_919_000_001
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -163,7 +109,7 @@ class Evaluator:
     at the first evaluation (top ``ratio`` by excess loss of the starting model), so the curves of
     different runs (CLM, SLM, ablations) from the same starting model compare the same tokens."""
 
-    def __init__(self, cfg: TrainConfig, accelerator: Accelerator):
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, resuming: bool = False):
         self.cfg, self.accelerator = cfg, accelerator
         self.head_of = None  # set by train() to the unwrapped model when its head is plain linear
         self.stores = [TokenStore.open(p).verify() for p in cfg.eval_data]
@@ -181,7 +127,7 @@ class Evaluator:
         # kept in the run directory so a resumed run compares the same tokens
         self.selected_paths = [Path(cfg.out) / f"eval_selection_{i}.npy" for i in range(len(self.stores))]
         for i, path in enumerate(self.selected_paths):
-            if cfg.resume and path.is_file():
+            if resuming and path.is_file():  # a run started over recomputes it (a stale file is not reused)
                 self.selected[i] = np.load(path, allow_pickle=False)
 
     def __call__(self, model) -> dict:
@@ -206,10 +152,66 @@ class Evaluator:
         return metrics
 
 
+def check_run_folder(out: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None: start), after refusing an --out that would mix two runs."""
+    check_writable(out)
+    if resume:
+        return latest_checkpoint(out)
+    if (out / "final").exists() or checkpoints(out):
+        raise ValueError(f"{out} already holds a training run; pass --resume to continue it, or another --out "
+                         "(or delete it) to start over")
+    if out.is_dir() and not (out / "config.yaml").is_file() and any(out.iterdir()):
+        raise ValueError(f"--out {out} is a folder that holds other files; choose a new or empty folder")
+    return None
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written; the message says what happened and what is intact."""
+
+
+def checkpoint_error(path: Path, err: BaseException, previous: Path | None) -> CheckpointError:
+    text = " ".join(str(err).split())
+    free = shutil.disk_usage(path.parent if path.parent.exists() else path.parent.parent).free
+    # torch reports a short write as "unexpected pos" or "file write failed", safetensors as StorageFull
+    full = getattr(err, "errno", None) == errno.ENOSPC or free < (16 << 20) or any(
+        s in text for s in ("No space left", "StorageFull", "file write failed"))
+    what = f"the disk is full: {free / 2**20:.1f} MiB free" if full else f"{type(err).__name__}: {text[:200]}"
+    fix = "free space" if full else "fix that"
+    return CheckpointError(f"could not write checkpoint {path} ({what}); " + (
+        f"the previous checkpoint {previous} is intact: {fix} and rerun with --resume" if previous
+        else f"no earlier checkpoint exists: {fix} and run again"))
+
+
+def interrupted_message(out: Path, step: int, tokens: int) -> str:
+    newest = latest_checkpoint(out)
+    where = f"interrupted at step {step} ({tokens:,} tokens); "
+    if newest is None:
+        return where + "no checkpoint was saved yet (--save-every N saves them): run the same command to start over"
+    return where + f"the newest checkpoint is {newest}: rerun the same command with --resume to continue from it"
+
+
+def _drop_tied_duplicates(models, weights, output_dir) -> None:
+    """accelerate's save_state pre-hook: keep one name of each tied tensor (lm_head.weight is the input
+    embedding in a tied model), as transformers saves them, instead of accelerate removing it with a
+    warning; loading re-ties them."""
+    for state in weights:
+        seen = set()
+        for name in list(state):
+            tensor = state[name]
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+            if key in seen:
+                del state[name]
+            seen.add(key)
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
-    check_config(cfg)
-    accelerator = make_accelerator(cfg.precision)
+    cfg.check()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
+    resume_from = check_run_folder(out, cfg.resume)
+    accelerator = make_accelerator(cfg.precision)
+    accelerator.register_save_state_pre_hook(_drop_tied_duplicates)
     store = TokenStore.open(cfg.data).verify()
     scores = ScoreStore.open(cfg.scores, store).verify() if cfg.scores else None
     if scores is not None and scores.seq_len != cfg.seq_len:
@@ -224,10 +226,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                             store.manifest["eos_token_id"], tokenizer.pad_token_id, seed=cfg.seed)
     if cfg.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's {model.config.max_position_embeddings} positions")
-    evaluator = Evaluator(cfg, accelerator)
+    evaluator = Evaluator(cfg, accelerator, resuming=resume_from is not None)
     ref_model = ref_head = None
-    if cfg.reference:
-        ref_model = load_model(cfg.reference, cfg.trust_remote_code).to(accelerator.device).eval().requires_grad_(False)
+    if cfg.reference:  # frozen: held in the compute dtype under mixed precision, like `rho1 score` does
+        ref_model = load_model(cfg.reference, cfg.trust_remote_code, dtype=compute_dtype(cfg.precision))
+        ref_model = ref_model.to(accelerator.device).eval().requires_grad_(False)
         check_model_fits(ref_model, store, cfg.reference)
         ref_head = linear_head_of(ref_model, store, cfg.seq_len)
         evaluator.reference = (ref_model, ref_head)
@@ -258,10 +261,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     step = tokens = 0
     next_eval = cfg.eval_every or math.inf
     next_save = cfg.save_every or math.inf
-    resume_from = latest_checkpoint(out) if cfg.resume else None
-    if not cfg.resume and ((out / "final").exists() or checkpoints(out)):
-        raise ValueError(f"{out} already holds a training run; pass --resume to continue it, or another --out "
-                         "(or delete it) to start over")
+    if cfg.resume and resume_from is None and progress and accelerator.is_main_process:
+        print(f"train: no checkpoint in {out} to resume from; starting from the beginning")
     if resume_from is not None:
         state = read_training_state(resume_from)
         accelerator.load_state(str(resume_from / "state"))
@@ -311,11 +312,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                 save_checkpoint(accelerator.unwrap_model(model), tokenizer, tmp, state_dict=state_dict)
                 write_training_state(tmp, {"step": step, "tokens": tokens, "next_eval": next_eval,
                                            "next_save": next_save, "objective": cfg.objective, "ratio": ratio})
-        except (OSError, RuntimeError) as err:  # disk full, quota, I/O error
-            previous = latest_checkpoint(out)
-            raise OSError(f"could not write checkpoint {path} ({err}); "
-                          + (f"the previous checkpoint {previous} is intact: free space and rerun with --resume"
-                             if previous else "free space and run again")) from None
+        except (OSError, RuntimeError, SafetensorError) as err:  # torch and safetensors wrap I/O errors
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise checkpoint_error(path, err, latest_checkpoint(out)) from err
         if accelerator.is_main_process:
             os.replace(tmp, path)
             for old in checkpoints(out)[: -cfg.keep_last] if cfg.keep_last > 0 else []:
@@ -348,78 +348,93 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     start_time = time.time()
     last_eval = evaluate(0, 0) if resume_from is None else {}
     first_step, first_tokens = step, tokens
-    bar = tqdm(total=total_steps * tokens_per_step, initial=tokens, desc=f"train {run_name}", unit="tok",
+    bar = progress_bar(total=total_steps * tokens_per_step, initial=tokens, desc=f"train {run_name}", unit="tok",
                unit_scale=True, disable=not (progress and accelerator.is_main_process))
     running: dict[str, list[float]] = {}
-    for step in range(first_step, total_steps):
-        lr = lr_at(step, total_steps, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_windows = order.take(step * windows_per_step, windows_per_step)
-        micro = [make_batch(store, step_windows[(m * n_proc + rank) * cfg.batch_size:][: cfg.batch_size],
-                            cfg.seq_len, scores).to(accelerator.device) for m in range(cfg.grad_accum)]
-        if ref_model is not None:
-            for batch in micro:
-                batch.ref_loss = online_reference_loss(ref_model, ref_head, batch, accelerator.autocast, head_dtype)
-        # One selection covers one micro-batch: this process's (micro scope) or the same micro-batch index
-        # on every process (global scope). The loss is normalised by the tokens selected over the whole
-        # step (all micro-batches, all processes), so accumulation and data parallelism keep the objective.
-        valid_counts = torch.tensor([float(valid_mask(b.labels, b.ref_loss if selecting else None).sum())
-                                     for b in micro], device=accelerator.device)
-        if global_scope:
-            counts = [num_selected(int(c), ratio) for c in accelerator.reduce(valid_counts, "sum").tolist()]
-            step_selected = torch.tensor(float(sum(counts)), device=accelerator.device)
-        else:
-            counts = [num_selected(int(c), ratio) for c in valid_counts.tolist()]
-            step_selected = accelerator.reduce(torch.tensor(float(sum(counts)), device=accelerator.device), "sum")
-        step_loss = torch.zeros((), device=accelerator.device)
-        grad_norm = None
-        for m, batch in enumerate(micro):
-            if selecting:
-                generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * cfg.grad_accum + m)
-                selection = micro_selection(batch, batch.ref_loss, ratio, cfg.score, generator)
-                stats = selection.stats
+    log_loss, log_selected = torch.zeros((), device=accelerator.device), 0.0  # since the last logged record
+    try:
+        for step in range(first_step, total_steps):
+            lr = lr_at(step, total_steps, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_windows = order.take(step * windows_per_step, windows_per_step)
+            micro = [make_batch(store, step_windows[(m * n_proc + rank) * cfg.batch_size:][: cfg.batch_size],
+                                cfg.seq_len, scores).to(accelerator.device) for m in range(cfg.grad_accum)]
+            if ref_model is not None:
+                for batch in micro:
+                    batch.ref_loss = online_reference_loss(ref_model, ref_head, batch, accelerator.autocast, head_dtype)
+            # One selection covers one micro-batch: this process's (micro scope) or the same micro-batch index
+            # on every process (global scope). The loss is normalised by the tokens selected over the whole
+            # step (all micro-batches, all processes), so accumulation and data parallelism keep the objective.
+            valid_counts = torch.tensor([float(valid_mask(b.labels, b.ref_loss if selecting else None).sum())
+                                         for b in micro], device=accelerator.device)
+            if global_scope:
+                counts = [num_selected(int(c), ratio) for c in accelerator.reduce(valid_counts, "sum").tolist()]
+                step_selected = torch.tensor(float(sum(counts)), device=accelerator.device)
             else:
-                selection = micro_selection(batch, None, 1.0, "learner")
-                stats = selection.stats
-                if batch.ref_loss is not None:  # CLM with scores: log what SLM would have kept
-                    shadow = select_from_token_loss(selection.token_loss, batch.labels, batch.ref_loss, cfg.ratio)
-                    stats = {**shadow.stats, "frac_selected": 1.0}
-            loss = selection.loss_sum * n_proc / step_selected
-            if not all_finite(accelerator, loss):
-                nonfinite(f"training loss became {float(loss.detach())}", step, tokens)
-                break
-            with accelerator.no_sync(model) if m < cfg.grad_accum - 1 else contextlib.nullcontext():
-                accelerator.backward(loss)
-            step_loss += selection.loss_sum.detach()
-            for key, value in stats.items():
-                running.setdefault(key, []).append(value)
-        else:  # every micro-batch was finite
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
-            if grad_norm is not None and not all_finite(accelerator, grad_norm):
-                nonfinite(f"gradient norm became {float(grad_norm)}", step, tokens)
-            else:
-                optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens += tokens_per_step
-        bar.update(tokens_per_step)
+                counts = [num_selected(int(c), ratio) for c in valid_counts.tolist()]
+                step_selected = accelerator.reduce(torch.tensor(float(sum(counts)), device=accelerator.device), "sum")
+            step_loss, grad_norm = torch.zeros((), device=accelerator.device), None
+            for m, batch in enumerate(micro):
+                if selecting:
+                    generator = torch.Generator().manual_seed(selection_seed(cfg, step, m, rank))
+                    selection = micro_selection(batch, batch.ref_loss, ratio, cfg.score, generator)
+                    stats = selection.stats
+                else:
+                    selection = micro_selection(batch, None, 1.0, "learner")
+                    stats = selection.stats
+                    if batch.ref_loss is not None:  # CLM with scores: log what SLM would have kept
+                        shadow = select_from_token_loss(selection.token_loss, batch.labels, batch.ref_loss, cfg.ratio)
+                        stats = {**shadow.stats, "frac_selected": 1.0}
+                loss = selection.loss_sum * n_proc / step_selected
+                if not all_finite(accelerator, loss):
+                    nonfinite(f"training loss became {float(loss.detach())}", step, tokens)
+                    break
+                with accelerator.no_sync(model) if m < cfg.grad_accum - 1 else contextlib.nullcontext():
+                    accelerator.backward(loss)
+                step_loss += selection.loss_sum.detach()
+                for key, value in stats.items():
+                    running.setdefault(key, []).append(value)
+            else:  # every micro-batch was finite
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+                if grad_norm is not None and not all_finite(accelerator, grad_norm):
+                    nonfinite(f"gradient norm became {float(grad_norm)}", step, tokens)
+                else:
+                    optimizer.step()
+                    log_loss, log_selected = log_loss + step_loss, log_selected + float(step_selected)
+                    if grad_norm is not None:
+                        running.setdefault("grad_norm", []).append(float(grad_norm))
+            optimizer.zero_grad(set_to_none=True)
+            tokens += tokens_per_step
+            bar.update(tokens_per_step)
 
-        if (step + 1) % cfg.log_every == 0 or step == total_steps - 1:
-            step_loss = accelerator.reduce(step_loss, "sum") / step_selected
-            elapsed = time.time() - start_time
-            record = {"kind": "train", "step": step + 1, "tokens": tokens, "loss": float(step_loss), "lr": lr,
-                      "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                      "tokens_per_second": (tokens - first_tokens) / elapsed}
-            record.update({k: _nanmean(v) for k, v in running.items()})
-            running = {}
-            log(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
-        if tokens >= next_eval and step < total_steps - 1:
-            last_eval = evaluate(step + 1, tokens)
-            next_eval += cfg.eval_every
-        if tokens >= next_save and step < total_steps - 1:
-            next_save += cfg.save_every
-            save_resumable(step + 1, tokens)
+            if (step + 1) % cfg.log_every == 0 or step == total_steps - 1:
+                # loss: over every selected token of the steps since the last record; the rest: mean per step
+                loss_sum = float(accelerator.reduce(log_loss, "sum"))
+                elapsed = time.time() - start_time
+                record = {"kind": "train", "step": step + 1, "tokens": tokens,
+                          "loss": loss_sum / log_selected if log_selected else float("nan"), "selected": int(log_selected),
+                          "lr": lr, "grad_norm": None,
+                          "tokens_per_second": (tokens - first_tokens) / elapsed}
+                record.update({k: _nanmean(v) for k, v in running.items()})
+                running, log_loss, log_selected = {}, torch.zeros((), device=accelerator.device), 0.0
+                log(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+            if tokens >= next_eval and step < total_steps - 1:
+                last_eval = evaluate(step + 1, tokens)
+                next_eval += cfg.eval_every
+            if tokens >= next_save and step < total_steps - 1:
+                next_save += cfg.save_every
+                save_resumable(step + 1, tokens)
+    except KeyboardInterrupt:
+        bar.close()
+        if accelerator.is_main_process:
+            metrics_file.close()
+        raise Interrupted(interrupted_message(out, step, tokens)) from None
+    except BaseException:
+        if accelerator.is_main_process:
+            metrics_file.close()  # a kept traceback must not hold the run folder's file open
+        raise
     bar.close()
     last_eval = evaluate(total_steps, tokens)
     save_final(out / "final", total_steps, tokens)

@@ -18,25 +18,13 @@ import numpy as np
 import yaml
 
 from rho1.analysis.plots import figure, to_data_uri
-from rho1.data.store import TokenStore
+from rho1.config import DynamicsConfig
+from rho1.data.store import TokenStore, check_writable
 from rho1.evaluate import linear_head_of, token_losses
 from rho1.model import load_model
 
 CLASSES = ("H->H", "L->H", "H->L", "L->L")
 COLORS = {"H->H": "#d62728", "L->H": "#ff7f0e", "H->L": "#1f77b4", "L->L": "#2ca02c"}
-
-
-@dataclass
-class DynamicsConfig:
-    run: str = ""  # run directory of `rho1 train` (checkpoints/ and final/)
-    data: str = ""  # held-out TokenStore
-    out: str | None = None  # default RUN/dynamics
-    seq_len: int | None = None  # default: the run's
-    batch_size: int = 16
-    max_windows: int = 64  # windows of the held-out store evaluated (0 = all)
-    threshold: float = 0.2
-    include_start: bool = True  # the model the run started from (its --model) as the first checkpoint
-    examples: int = 4  # example trajectories per fluctuating class
 
 
 def run_checkpoints(run: Path, include_start: bool = True) -> list[tuple[int, Path]]:
@@ -133,15 +121,38 @@ class Dynamics:
                 "checkpoint_tokens": [int(t) for t in self.tokens]}
 
 
+def _pruned_checkpoints(run: Path, run_cfg: dict) -> int:
+    """How many of the run's periodic checkpoints were deleted by --keep-last (0 when none were)."""
+    save_every, keep_last = run_cfg.get("save_every") or 0, run_cfg.get("keep_last") or 0
+    final = run / "final" / "rho1_state.json"
+    if not (save_every and keep_last and final.is_file()):
+        return 0
+    tokens = json.loads(final.read_text())["tokens"]
+    written = max(0, (tokens - 1) // save_every)  # one every save_every tokens before the end
+    kept = sum(p.name.isdigit() for p in (run / "checkpoints").iterdir()) if (run / "checkpoints").is_dir() else 0
+    return max(0, written - kept)
+
+
 def compute_dynamics(cfg: DynamicsConfig, progress: bool = True) -> Dynamics:
+    cfg.check()
     run = Path(cfg.run)
+    if not (run / "config.yaml").is_file():
+        raise ValueError(f"{run} is not a run folder of `rho1 train` (no config.yaml)")
     out = Path(cfg.out) if cfg.out else run / "dynamics"
+    check_writable(out)
     store = TokenStore.open(cfg.data).verify()
     run_cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
     seq_len = cfg.seq_len or run_cfg.get("seq_len") or 256
     checkpoints = run_checkpoints(run, cfg.include_start)
     n = store.num_windows(seq_len)
     windows = np.arange(min(n, cfg.max_windows) if cfg.max_windows else n)
+    if progress:
+        pruned = _pruned_checkpoints(run, run_cfg)
+        print(f"dynamics: {len(checkpoints)} checkpoints, {len(windows)} of {n} held-out windows"
+              + ("" if len(windows) == n else " (--max-windows 0 for all)"))
+        if pruned:
+            print(f"dynamics: warning: the run kept only its last {run_cfg.get('keep_last')} checkpoints; about "
+                  f"{pruned} earlier ones were deleted (train with --keep-last 0 to keep every checkpoint)")
     identity = {"store_hash": store.hash, "seq_len": seq_len, "windows": len(windows),
                 "checkpoints": [[t, str(p)] for t, p in checkpoints]}
     meta_path = out / "meta.json"

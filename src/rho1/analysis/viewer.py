@@ -18,7 +18,8 @@ import jinja2
 import numpy as np
 from markupsafe import Markup
 
-from rho1.data.store import ScoreStore, TokenStore
+from rho1.config import ViewConfig
+from rho1.data.store import ScoreStore, TokenStore, check_writable
 from rho1.evaluate import fixed_selection, linear_head_of, token_losses
 from rho1.model import check_model_fits, load_model
 
@@ -139,20 +140,6 @@ def render_page(title: str, body_html: str, style: str = "") -> str:
     return PAGE.render(title=title, body=Markup(body_html), style=Markup(STYLE + style), csp=CSP)
 
 
-@dataclass
-class ViewConfig:
-    data: str = ""  # TokenStore whose text is shown
-    model: list[str] = field(default_factory=list)  # one model, or several checkpoints side by side
-    scores: str | None = None  # ScoreStore of `data` with the reference losses, or:
-    reference: str | None = None  # a reference model whose losses are computed here (e.g. for held-out text)
-    out: str = "view.html"
-    ratio: float = 0.6
-    seq_len: int = 256
-    windows: int = 2  # windows of seq_len tokens shown
-    start: int = 0  # first window shown
-    batch_size: int = 16
-
-
 def build_view(cfg: ViewConfig) -> tuple[str, dict]:
     """The viewer fragment and its numbers (tokens shown, selected) for a store and one or more models."""
     if not cfg.model:
@@ -160,23 +147,27 @@ def build_view(cfg: ViewConfig) -> tuple[str, dict]:
     if not (cfg.scores or cfg.reference):
         raise ValueError("rho1 view needs reference losses: --scores SCORE_STORE of --data, or --reference MODEL")
     store = TokenStore.open(cfg.data).verify()
-    n = store.num_windows(cfg.seq_len)
+    scores = ScoreStore.open(cfg.scores, store).verify() if cfg.scores else None
+    if scores is not None and cfg.seq_len not in (None, scores.seq_len):
+        raise ValueError(f"scores {scores.path} use windows of {scores.seq_len} tokens but --seq-len is {cfg.seq_len}; "
+                         f"pass --seq-len {scores.seq_len} (or leave it out)")
+    seq_len = cfg.seq_len or (scores.seq_len if scores is not None else 256)
+    n = store.num_windows(seq_len)
     if not 0 <= cfg.start < n:
-        raise ValueError(f"--start {cfg.start} is outside the store's {n} windows of {cfg.seq_len} tokens")
+        raise ValueError(f"--start {cfg.start} is outside the store's {n} windows of {seq_len} tokens")
     windows = np.arange(cfg.start, min(n, cfg.start + cfg.windows))
 
     def losses(path: str) -> np.ndarray:
         model = load_model(path)
         check_model_fits(model, store, path)
-        return token_losses(model, store, cfg.seq_len, cfg.batch_size, windows,
-                            head_of=linear_head_of(model, store, cfg.seq_len))
+        return token_losses(model, store, seq_len, cfg.batch_size, windows,
+                            head_of=linear_head_of(model, store, seq_len))
 
-    if cfg.scores:
-        scores = ScoreStore.open(cfg.scores, store).verify()
+    if scores is not None:
         ref_all = np.asarray(scores.scores, dtype=np.float32)
     else:
         ref_all = losses(cfg.reference)
-    lo, hi = int(windows[0]) * cfg.seq_len, min(store.n_tokens, int(windows[-1] + 1) * cfg.seq_len)
+    lo, hi = int(windows[0]) * seq_len, min(store.n_tokens, int(windows[-1] + 1) * seq_len)
     pieces = token_pieces(store.tokenizer(), store.tokens[lo:hi])
     columns = []
     for i, path in enumerate(cfg.model):
@@ -204,6 +195,8 @@ def run_checkpoint_columns(run: str, fractions=(0.0, 1 / 3, 2 / 3, 1.0)) -> list
 
 
 def view(cfg: ViewConfig, progress: bool = True) -> dict:
+    cfg.check()
+    check_writable(cfg.out, folder=False)
     fragment, numbers = build_view(cfg)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)

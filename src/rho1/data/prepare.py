@@ -4,31 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
+import re
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from rho1.config import PrepareConfig
 from rho1.data.sources import expand_sources, read_documents
 from rho1.data.store import TOKEN_FORMAT, TokenStore, replace_dir, write_json_atomic
 from rho1.data.tokenizer import load_tokenizer, tokenizer_hash, train_bpe
-
-
-@dataclass
-class PrepareConfig:
-    sources: list[str] = field(default_factory=list)
-    out: str = "store"
-    tokenizer: str | None = None  # HF name or path, or another TokenStore whose tokenizer to reuse
-    train_tokenizer: int | None = None  # vocabulary size of a byte-level BPE trained on these sources
-    text_field: str | None = None
-    template: str | None = None
-    target_field: str | None = None
-    split: str = "train"  # the split read from Hugging Face datasets (saved folders, hf:NAME)
-    trust_remote_code: bool = False
-    batch_docs: int = 512
+from rho1.progress import progress_bar
 
 
 def resolve_tokenizer(name_or_path: str, trust_remote_code: bool = False):
@@ -58,15 +46,39 @@ def _encode_batch(tokenizer, docs):
         yield ids, mask
 
 
+def unescape_template(template: str | None) -> str | None:
+    """A template typed in a shell: a written \\n or \\t is a newline or tab (\\\\ a backslash)."""
+    if template is None:
+        return None
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m[1]], template)
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """``out`` may be new, an empty folder, or (with ``overwrite``) an older TokenStore; never anything else."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file; rho1 prepare never replaces a file: choose another --out")
+    try:
+        is_store = json.loads((out / "manifest.json").read_text()).get("format") == TOKEN_FORMAT
+    except (OSError, ValueError):
+        is_store = False
+    if is_store and not overwrite:
+        raise ValueError(f"{out} already holds a TokenStore; pass --overwrite to replace it (ScoreStores made from it "
+                         "will no longer match it) or choose another --out")
+    if not is_store and any(out.iterdir()):
+        raise ValueError(f"--out {out} is a folder that holds other files; choose a new or empty folder")
+
+
 def prepare(cfg: PrepareConfig, progress: bool = True) -> TokenStore:
-    if not cfg.sources:
-        raise ValueError("no sources given; pass text files, folders, .jsonl or .parquet files to prepare")
-    if (cfg.tokenizer is None) == (cfg.train_tokenizer is None):
-        raise ValueError("pass exactly one of --tokenizer NAME_OR_PATH or --train-tokenizer VOCAB_SIZE")
+    cfg.check()
+    out = Path(cfg.out)
+    check_out(out, cfg.overwrite)
     files = expand_sources(cfg.sources)
+    template = unescape_template(cfg.template)
 
     def documents():
-        return read_documents(files, cfg.text_field, cfg.template, cfg.target_field, cfg.split)
+        return read_documents(files, cfg.text_field, template, cfg.target_field, cfg.split)
 
     first = next(iter(documents()), None)
     if first is None:
@@ -83,7 +95,6 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> TokenStore:
     dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
     eos = tokenizer.eos_token_id
 
-    out = Path(cfg.out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -92,7 +103,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> TokenStore:
     offsets = [0]
     n_tokens = 0
     any_target = False
-    bar = tqdm(desc="prepare", unit="tok", unit_scale=True, disable=not progress)
+    bar = progress_bar(desc="prepare", unit="tok", unit_scale=True, disable=not progress)
     with open(tmp / "tokens.bin", "wb") as ftok, open(tmp / "target_mask.bin", "wb") as fmask:
         docs_iter = documents()
         while batch := list(itertools.islice(docs_iter, cfg.batch_docs)):
@@ -127,7 +138,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> TokenStore:
         "sources": [str(f) for f in files],
         "text_field": cfg.text_field,
         "split": cfg.split,
-        "template": cfg.template,
+        "template": template,
         "target_field": cfg.target_field,
         "has_target_mask": any_target,
         "content_hash": content.hexdigest()[:16],

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -188,6 +189,25 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def check_writable(path: str | Path, flag: str = "--out", folder: bool = True) -> None:
+    """One sentence, before any work, when ``path`` cannot become the folder (or file) a stage writes."""
+    path = Path(path)
+    if path.exists() and folder != path.is_dir():
+        raise ValueError(f"{flag} {path} is an existing {'file' if folder else 'folder'}; pass "
+                         f"{'a folder' if folder else 'a file'} path instead")
+    probe = path if folder and path.is_dir() else path.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{flag} {path} cannot be created: {probe} is a file, not a folder; choose another {flag}")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        raise ValueError(f"{flag} {path} cannot be written ({probe}: {(err.strerror or str(err)).lower()}); "
+                         f"choose a folder you can write to") from None
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

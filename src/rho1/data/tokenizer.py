@@ -35,7 +35,13 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
 
 def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
     """A Hugging Face tokenizer by local path or hub name; it must have an EOS token to separate documents."""
-    tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    from rho1.pretrained import locate
+
+    name = locate(str(name_or_path), "tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ValueError(f"could not load tokenizer {name_or_path}: {' '.join(str(err).split())[:300]}") from err
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer {name_or_path} has no EOS token; documents need one to be separated")
     return tok
