@@ -327,13 +327,15 @@ def test_scoring_the_same_store_spelled_differently_is_the_same_job(stores, refe
     assert Path(again.manifest["token_store"]).is_absolute()
 
 
-def test_random_scores_differ_between_processes():
+def test_random_scores_differ_between_processes_that_rank_their_own_tokens():
     from rho1.train import TrainConfig, selection_seed
 
     cfg = TrainConfig(data="x", grad_accum=2)
     seeds = {selection_seed(cfg, step, m, rank) for step in range(50) for m in range(2) for rank in range(8)}
     assert len(seeds) == 50 * 2 * 8
     assert selection_seed(cfg, 3, 1, 0) == cfg.seed * 1_000_003 + 3 * 2 + 1  # one process: the stream as before
+    # the global scope draws the whole gathered batch's scores on every process: they must agree
+    assert {selection_seed(cfg, 3, 1, rank, global_scope=True) for rank in range(8)} == {selection_seed(cfg, 3, 1, 0)}
 
 
 def test_log_every_averages_loss_and_grad_norm_over_its_steps(stores, tmp_path):

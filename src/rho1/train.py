@@ -38,10 +38,11 @@ from rho1.selection import (
 )
 
 
-def selection_seed(cfg: TrainConfig, step: int, micro: int, rank: int) -> int:
-    """The seed of the random control's scores: its own stream for each step, micro-batch and process
-    (rank 0 keeps the single-process stream)."""
-    return cfg.seed * 1_000_003 + step * cfg.grad_accum + micro + rank * 7_919_000_001
+def selection_seed(cfg: TrainConfig, step: int, micro: int, rank: int, global_scope: bool = False) -> int:
+    """The seed of the random control's scores: its own stream for each step and micro-batch, and for each
+    process when each ranks its own micro-batch (rank 0 keeps the single-process stream). Under the
+    global scope every process draws the scores of the whole gathered batch, so they share the stream."""
+    return cfg.seed * 1_000_003 + step * cfg.grad_accum + micro + (0 if global_scope else rank * 7_919_000_001)
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -377,7 +378,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             step_loss, grad_norm = torch.zeros((), device=accelerator.device), None
             for m, batch in enumerate(micro):
                 if selecting:
-                    generator = torch.Generator().manual_seed(selection_seed(cfg, step, m, rank))
+                    generator = torch.Generator().manual_seed(selection_seed(cfg, step, m, rank, global_scope))
                     selection = micro_selection(batch, batch.ref_loss, ratio, cfg.score, generator)
                     stats = selection.stats
                 else:
