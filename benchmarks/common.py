@@ -9,9 +9,9 @@ from pathlib import Path
 
 import transformers
 
-from rho1.data import demo
 from rho1.data.prepare import PrepareConfig, prepare
 from rho1.data.store import TokenStore
+from rho1.experiments import demo_data as demo
 
 # the demo's tiny Llama (the head is small), and one with a 32k vocabulary (the head holds most parameters)
 SHAPES = {

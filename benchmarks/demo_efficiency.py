@@ -17,7 +17,7 @@ from pathlib import Path
 
 import transformers
 
-from rho1.pipeline import PRESETS, run_demo
+from rho1.experiments.demo import PRESETS, run_demo
 
 
 def main() -> None:

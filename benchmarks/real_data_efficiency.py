@@ -28,10 +28,11 @@ from pathlib import Path
 import transformers
 from common import add_data_dir, check_data_dir
 
-from rho1.pipeline import DemoConfig, compare
+from rho1.eval.accuracy import QA_TEMPLATE
+from rho1.experiments.demo import DemoConfig, compare
 
 SOLVERS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
-QA = "Question: {question}\nAnswer: {answer}"
+QA = QA_TEMPLATE
 
 
 def _jsonl(path: Path) -> list[dict]:

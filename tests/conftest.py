@@ -10,6 +10,7 @@ import pytest
 import transformers
 
 from rho1.data.prepare import PrepareConfig, prepare
+from rho1.eval.accuracy import QA_TEMPLATE
 from rho1.score import ScoreConfig, score
 from rho1.train import TrainConfig, train
 
@@ -17,7 +18,7 @@ transformers.utils.logging.disable_progress_bar()
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
-MATH_TEMPLATE = "Question: {question}\nAnswer: {answer}"
+MATH_TEMPLATE = QA_TEMPLATE
 SEQ_LEN = 64
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import math
 import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
-SCORE_NAMES = ("excess", "reference", "learner", "random")
+from rho1.selection.scores import SCORES
+
 PRECISIONS = ("no", "bf16", "fp16")
 MODEL_PRESETS = {  # sized for CPU: nano for tests (seconds), tiny for the demo, small for calibration runs
     "nano": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
@@ -55,19 +56,36 @@ def check_seq_len(seq_len: int | None) -> None:
                          f"got {seq_len}")
 
 
+def opt(default=MISSING, help: str = "", *, factory=None, **cli):
+    """A config field with its command-line help; ``cli`` holds how the option is spelled when it is not
+    ``--field-name`` (``flag``, ``short``, ``positional``, ``choices``, ``metavar``, ``cli=False``)."""
+    metadata = {"help": help, **cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _scores() -> tuple[str, ...]:
+    return tuple(SCORES)
+
+
 @dataclass
 class PrepareConfig:
-    sources: list[str] = field(default_factory=list)
-    out: str = "store"
-    tokenizer: str | None = None  # HF name or path, or another TokenStore whose tokenizer to reuse
-    train_tokenizer: int | None = None  # vocabulary size of a byte-level BPE trained on these sources
-    text_field: str | None = None
-    template: str | None = None  # "\n" and "\t" written as two characters are read as newline and tab
-    target_field: str | None = None
-    split: str = "train"  # the split read from Hugging Face datasets (saved folders, hf:NAME)
-    trust_remote_code: bool = False
-    overwrite: bool = False  # replace an existing TokenStore at `out` (never any other file or folder)
-    batch_docs: int = 512
+    sources: list[str] = opt(factory=list, help=".txt/.md files or folders, .jsonl, .parquet, folders written by "
+                             "datasets' save_to_disk, or hf:NAME[:CONFIG] (datasets.load_dataset)", positional=True)
+    out: str = opt("store", "TokenStore folder to write; an existing TokenStore is replaced only with --overwrite",
+                   short="-o")
+    tokenizer: str | None = opt(None, "HF tokenizer name or path, or a TokenStore whose tokenizer to reuse")
+    train_tokenizer: int | None = opt(None, "train a byte-level BPE of this vocabulary size on the sources",
+                                      metavar="VOCAB_SIZE")
+    text_field: str | None = opt(None, "jsonl/parquet field holding the text (default: text)")
+    template: str | None = opt(None, 'format records, e.g. "Question: {question}\\nAnswer: {answer}" (a written '
+                               "\\n or \\t is a newline or a tab)")
+    target_field: str | None = opt(None, "template field whose tokens count for target-domain metrics")
+    split: str = opt("train", "split read from Hugging Face datasets")
+    trust_remote_code: bool = opt(False, "run a tokenizer's own code from the hub")
+    overwrite: bool = opt(False, "replace an existing TokenStore at --out (ScoreStores made from it stop matching)")
+    batch_docs: int = opt(512, "documents tokenized at once", cli=False)
 
     def check(self) -> None:
         if not self.sources:
@@ -79,15 +97,15 @@ class PrepareConfig:
 
 @dataclass
 class ScoreConfig:
-    data: str = ""
-    model: str = ""
-    out: str = "scores"
-    seq_len: int = 256
-    batch_size: int = 32
-    precision: str = "no"  # no | bf16 | fp16
-    chunk_windows: int = 256  # windows per chunk: the unit of work split across processes and resumed
-    trust_remote_code: bool = False
-    threads: int | None = None  # CPU threads per process (default: see rho1.threads)
+    data: str = opt("", "TokenStore to score")
+    model: str = opt("", "reference model: a checkpoint folder such as RUN/final, or a hub name")
+    out: str = opt("scores", "ScoreStore folder to write", short="-o")
+    seq_len: int = opt(256, "window length; must match training")
+    batch_size: int = opt(32, "windows per forward")
+    precision: str = opt("no", "compute dtype of the model and its loss", choices=PRECISIONS)
+    chunk_windows: int = opt(256, "windows per unit of work (split across processes, resumed after a kill)")
+    trust_remote_code: bool = opt(False, "run a model's own code from the hub")
+    threads: int | None = opt(None, "CPU threads for torch (default: the cores idle at start)")
 
     def check(self) -> None:
         if not self.data or not self.model:
@@ -99,48 +117,50 @@ class ScoreConfig:
 
 @dataclass
 class TrainConfig:
-    data: str = ""  # TokenStore to train on
-    out: str = "runs/train"
-    objective: str = "clm"  # clm | slm
-    scores: str | None = None  # ScoreStore of `data` (needed for slm, optional for clm: logs what slm would keep)
-    reference: str | None = None  # instead of --scores: a reference model whose losses are computed in the loop
-    ratio: float = 0.6
-    score: str = "excess"  # excess | reference | learner | random
-    selection_scope: str = "micro"  # micro: rank each process's micro-batch; global: all processes' at once
-    model: str | None = None  # HF name or path to start from; else a fresh --model-preset
-    model_preset: str = "tiny"
-    trust_remote_code: bool = False
-    seq_len: int = 256
-    batch_size: int = 16  # windows per micro-batch per process
-    grad_accum: int = 1
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    max_tokens: int = 1_000_000
-    seed: int = 0
-    precision: str = "no"  # no | bf16 | fp16
-    eval_data: list[str] = field(default_factory=list)
-    eval_scores: list[str] = field(default_factory=list)  # ScoreStores of eval_data, same order ("" for none)
-    eval_every: int = 0  # tokens; 0 = only at the start and the end
-    eval_max_windows: int = 0  # 0 = every window of each eval store
-    save_every: int = 0  # tokens; 0 = only the final checkpoint
-    keep_last: int = 3  # checkpoints kept under checkpoints/ (older ones are deleted); 0 keeps all
-    resume: bool = False  # continue from the newest complete checkpoint in `out`
-    skip_nonfinite: bool = False  # skip a step whose loss or gradient is NaN/inf instead of stopping
-    log_every: int = 1  # steps
-    # auto: the loss from the LM head's input in chunks (no [tokens x vocab] logits, no head backward for
-    # unselected tokens) when the model's logits are a plain linear head; logits: always the full logits
-    loss_impl: str = "auto"
-    threads: int | None = None  # CPU threads per process (default: see rho1.threads)
+    data: str = opt("", "TokenStore to train on")
+    out: str = opt("runs/train", "run folder", short="-o")
+    objective: str = opt("clm", "clm: every token; slm: the selected tokens", choices=("clm", "slm"))
+    scores: str | None = opt(None, "ScoreStore of --data (from `rho1 score`); with clm, logs what slm would keep")
+    reference: str | None = opt(None, "instead of --scores: a reference model run in the loop")
+    ratio: float = opt(0.6, "fraction of tokens slm keeps, in (0, 1]")
+    score: str = opt("excess", "selection score (excess = learner loss - reference loss; the others are ablations "
+                     "or your own, see rho1.register_score)", choices=_scores)
+    selection_scope: str = opt("micro", "rank each process's micro-batch (micro) or the same micro-batch of every "
+                               "process at once (global)", choices=("micro", "global"))
+    model: str | None = opt(None, "HF causal LM name or path to start from (default: a fresh --model-preset model)")
+    model_preset: str = opt("tiny", "size of the fresh model", choices=tuple(MODEL_PRESETS))
+    trust_remote_code: bool = opt(False, "run a model's own code from the hub")
+    seq_len: int = opt(256, "window length (tokens)")
+    batch_size: int = opt(16, "windows per micro-batch per process")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    lr: float = opt(2e-3, "peak learning rate")
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of --lr (cosine decay)")
+    warmup_steps: int = opt(20, "linear warmup steps")
+    weight_decay: float = opt(0.1, "AdamW weight decay of matrices")
+    grad_clip: float = opt(1.0, "gradient norm clip (0: none)")
+    max_tokens: int = opt(1_000_000, "token budget (dropped tokens count as seen)")
+    seed: int = opt(0, "model initialisation and data order (CLM and SLM with one seed see the same tokens)")
+    precision: str = opt("no", "mixed precision", choices=PRECISIONS)
+    eval_data: list[str] = opt(factory=list, help="held-out TokenStores")
+    eval_scores: list[str] = opt(factory=list, help="ScoreStores of --eval-data, same order ('' for none)")
+    eval_every: int = opt(0, "evaluate every N tokens (0: at the start and the end only)")
+    eval_max_windows: int = opt(0, "held-out windows evaluated (0: all)")
+    save_every: int = opt(0, "resumable checkpoint every N tokens (0: the final one only)")
+    keep_last: int = opt(3, "resumable checkpoints kept (0: all, which `rho1 dynamics` needs)")
+    resume: bool = opt(False, "continue from the newest complete checkpoint in --out (same command plus this flag)")
+    skip_nonfinite: bool = opt(False, "skip a step whose loss or gradient is NaN/inf instead of stopping")
+    log_every: int = opt(1, "steps per metrics record (loss over all their selected tokens)")
+    loss_impl: str = opt("auto", "auto: the loss from the head's input in chunks when the head is plain linear (less "
+                         "memory, no head backward for unselected tokens); logits: full logits",
+                         choices=("auto", "logits"))
+    threads: int | None = opt(None, "CPU threads for torch (default: the cores idle at start)")
 
     def check(self) -> None:
         if not self.data:
             raise ValueError("rho1 train needs --data TOKEN_STORE (made by `rho1 prepare`)")
         check_choice("objective", self.objective, ("clm", "slm"))
         check_ratio(self.ratio)
-        check_choice("score", self.score, SCORE_NAMES)
+        check_choice("score", self.score, tuple(SCORES))
         check_choice("selection_scope", self.selection_scope, ("micro", "global"))
         check_choice("model_preset", self.model_preset, tuple(MODEL_PRESETS))
         check_choice("precision", self.precision, PRECISIONS)
@@ -148,7 +168,7 @@ class TrainConfig:
         if self.scores and self.reference:
             raise ValueError("pass either --scores (stored reference losses) or --reference (a reference model run in "
                              "the loop), not both")
-        if self.objective == "slm" and not (self.scores or self.reference) and self.score in ("excess", "reference"):
+        if self.objective == "slm" and not (self.scores or self.reference) and SCORES[self.score].needs_reference:
             raise ValueError(f"--objective slm with --score {self.score} needs reference losses; pass --scores "
                              "SCORE_STORE (made by `rho1 score`) or --reference MODEL")
         if self.eval_scores and len(self.eval_scores) != len(self.eval_data):
@@ -168,20 +188,22 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    model: str = ""
-    data: list[str] = field(default_factory=list)  # held-out TokenStores
-    scores: list[str] = field(default_factory=list)  # their ScoreStores, same order ("" for none)
-    answers: str | None = None  # GSM8K-style jsonl: few-shot answer accuracy
-    shots: int = 0
-    exemplars: str | None = None
-    limit: int = 0
-    max_new_tokens: int = 256
-    generations: str | None = None
-    ratio: float = 0.6
-    seq_len: int | None = None  # default: the ScoreStores', else 256
-    batch_size: int = 16
-    trust_remote_code: bool = False
-    threads: int | None = None
+    model: str = opt("", "checkpoint folder (e.g. RUN/final) or hub name")
+    data: list[str] = opt(factory=list, help="held-out TokenStores")
+    scores: list[str] = opt(factory=list, help="their ScoreStores, same order ('' for none): splits the tokens into "
+                            "the top --ratio of excess loss of the evaluated model and the rest")
+    answers: str | None = opt(None, "GSM8K-style jsonl (question, answer ending in '#### N'): few-shot accuracy")
+    shots: int = opt(0, "solved exemplars in each prompt")
+    exemplars: str | None = opt(None, "jsonl the exemplars come from (default: the first --shots of --answers, left "
+                                "out of the evaluation)")
+    limit: int = opt(0, "evaluate the first N problems (0: all)")
+    max_new_tokens: int = opt(256, "generation length")
+    generations: str | None = opt(None, "JSONL to write every prompt, generation, extracted and gold answer to")
+    ratio: float = opt(0.6, "fraction of tokens counted as selected")
+    seq_len: int | None = opt(None, "window length (default: the ScoreStores', else 256)")
+    batch_size: int = opt(16, "windows (or prompts) per forward")
+    trust_remote_code: bool = opt(False, "run a model's own code from the hub")
+    threads: int | None = opt(None, "CPU threads for torch (default: the cores idle at start)")
 
     def check(self) -> None:
         if not self.model:
@@ -210,21 +232,23 @@ class AnswerConfig:
 
 @dataclass
 class SweepConfig:
-    train: TrainConfig = field(default_factory=TrainConfig)  # data, scores, model, budget, eval_data ...
-    out: str = "runs/sweep"
-    ratios: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8, 1.0])
-    score_functions: list[str] = field(default_factory=lambda: list(SCORE_NAMES))
-    ablation_ratio: float = 0.6  # the ratio the score functions are compared at
-    target: str | None = None  # eval metric, default: the first eval store's target_loss (else loss)
-    answers: str | None = None  # GSM8K-style jsonl: also the answer accuracy of each run's final model
-    shots: int = 2  # exemplars per prompt (the first `shots` problems of `answers`, left out)
-    answers_limit: int = 100
+    train: TrainConfig = opt(factory=TrainConfig, help="data, scores, model, budget, eval_data ...", cli=False)
+    out: str = opt("runs/sweep", "sweep folder, one run per folder", short="-o")
+    ratios: list[float] = opt(factory=lambda: [0.2, 0.4, 0.6, 0.8, 1.0], help="selection ratios of the excess-loss "
+                              "runs")
+    score_functions: list[str] = opt(factory=lambda: list(SCORES), help="score functions compared at "
+                                     "--ablation-ratio (default: every registered one)", choices=_scores)
+    ablation_ratio: float = opt(0.6, "the ratio score functions are compared at (an excess-loss run at it is added)")
+    target: str | None = opt(None, "eval metric compared (default: the first eval store's target_loss)")
+    answers: str | None = opt(None, "GSM8K-style jsonl: also each run's few-shot answer accuracy")
+    shots: int = opt(2, "exemplars per prompt, the first problems of --answers")
+    answers_limit: int = opt(100, "problems evaluated")
 
     def check(self) -> None:
         for r in [*self.ratios, self.ablation_ratio]:
             check_ratio(r)
         for s in self.score_functions:
-            check_choice("score_functions", s, SCORE_NAMES)
+            check_choice("score_functions", s, tuple(SCORES))
         if not self.train.eval_data:
             raise ValueError("rho1 sweep compares held-out losses: pass --eval-data HELDOUT_STORE (with --eval-scores)")
         check_positive(self, "shots", "answers_limit", allow_zero=("shots",))
@@ -232,16 +256,16 @@ class SweepConfig:
 
 @dataclass
 class DynamicsConfig:
-    run: str = ""  # run directory of `rho1 train` (checkpoints/ and final/)
-    data: str = ""  # held-out TokenStore
-    out: str | None = None  # default RUN/dynamics
-    seq_len: int | None = None  # default: the run's
-    batch_size: int = 16
-    max_windows: int = 64  # windows of the held-out store evaluated (0 = all)
-    threshold: float = 0.2
-    include_start: bool = True  # the model the run started from (its --model) as the first checkpoint
-    examples: int = 4  # example trajectories per fluctuating class
-    threads: int | None = None
+    run: str = opt("", "run folder of `rho1 train` (saved with --save-every and --keep-last 0)", positional=True)
+    data: str = opt("", "held-out TokenStore")
+    out: str | None = opt(None, "output folder (default RUN/dynamics)", short="-o")
+    seq_len: int | None = opt(None, "window length (default: the run's)")
+    batch_size: int = opt(16, "windows per forward")
+    max_windows: int = opt(64, "held-out windows evaluated (0: all)")
+    threshold: float = opt(0.2, "|dL| above which a token is H->L or L->H")
+    include_start: bool = opt(True, "leave out the model the run started from", flag="--no-start")
+    examples: int = opt(4, "example trajectories plotted per fluctuating class")
+    threads: int | None = opt(None, "CPU threads for torch (default: the cores idle at start)")
 
     def check(self) -> None:
         if not self.run or not self.data:
@@ -253,16 +277,16 @@ class DynamicsConfig:
 
 @dataclass
 class ViewConfig:
-    data: str = ""  # TokenStore whose text is shown
-    model: list[str] = field(default_factory=list)  # one model, or several checkpoints side by side
-    scores: str | None = None  # ScoreStore of `data` with the reference losses, or:
-    reference: str | None = None  # a reference model whose losses are computed here (e.g. for held-out text)
-    out: str = "view.html"
-    ratio: float = 0.6
-    seq_len: int | None = None  # default: the ScoreStore's, else 256
-    windows: int = 2  # windows of seq_len tokens shown
-    start: int = 0  # first window shown
-    batch_size: int = 16
+    data: str = opt("", "TokenStore whose text is shown (corpus or held-out)")
+    model: list[str] = opt(factory=list, help="one model, or several checkpoints side by side (selection tendency)")
+    scores: str | None = opt(None, "ScoreStore of --data (reference losses)")
+    reference: str | None = opt(None, "instead of --scores: a reference model run on --data")
+    out: str = opt("view.html", "HTML file to write", short="-o")
+    ratio: float = opt(0.6, "fraction of tokens highlighted")
+    seq_len: int | None = opt(None, "window length (default: the ScoreStore's, else 256)")
+    windows: int = opt(2, "windows of --seq-len tokens shown")
+    start: int = opt(0, "first window shown")
+    batch_size: int = opt(16, "windows per forward")
 
     def check(self) -> None:
         check_ratio(self.ratio)
@@ -273,10 +297,11 @@ class ViewConfig:
 
 @dataclass
 class ReportConfig:
-    runs: list[str] = field(default_factory=list)
-    out: str = "report.html"
-    target: str | None = None  # eval metric for curves and efficiency, e.g. eval/heldout/target_loss (default: found)
-    baseline: str | None = None  # run name (folder) efficiency is measured against (default: first CLM run)
+    runs: list[str] = opt(factory=list, help="run folders of `rho1 train`", positional=True)
+    out: str = opt("report.html", "HTML file to write", short="-o")
+    target: str | None = opt(None, "eval metric compared (default: the first eval store's target_loss)")
+    baseline: str | None = opt(None, "run (folder name) token efficiency is measured against (default: the first "
+                               "CLM run)")
 
     def check(self) -> None:
         if not self.runs:
@@ -285,26 +310,27 @@ class ReportConfig:
 
 @dataclass
 class DemoConfig:
-    out: str = "runs/demo"
-    seed: int = 0
-    model_preset: str = "tiny"
-    vocab_size: int = 2048
-    seq_len: int = 256
-    batch_size: int = 8
-    lr: float = 2e-3
-    ratio: float = 0.6
-    base_tokens: int = 300_000  # > 0: pretrain a base model on the web corpus; reference, CLM and SLM start from it
-    reference_tokens: int = 300_000
-    train_tokens: int = 500_000
-    eval_points: int = 14
-    n_reference: int = 3000
-    n_web: int = 3500
-    n_heldout: int = 250
-    n_offtarget: int = 150
-    math_share: float = 0.35  # share of web pages with a worked problem
-    wrong_share: float = 0.5  # share of those whose worked answer has a mistake
-    accuracy_problems: int = 100  # held-out problems for answer accuracy (2-shot, greedy); 0 = skip
-    threads: int | None = None
+    out: str = opt("runs/demo", "output folder", short="-o")
+    seed: int = opt(0, "seed of the data and the models")
+    model_preset: str = opt("tiny", "model size", choices=tuple(MODEL_PRESETS))
+    vocab_size: int = opt(2048, "BPE vocabulary trained on the web corpus")
+    seq_len: int = opt(256, "window length")
+    batch_size: int = opt(8, "windows per step")
+    lr: float = opt(2e-3, "peak learning rate")
+    ratio: float = opt(0.6, "fraction of tokens SLM keeps")
+    base_tokens: int = opt(300_000, "base model pretraining on the web corpus (0: none; reference, CLM and SLM start "
+                           "from it)")
+    reference_tokens: int = opt(300_000, "reference training on the clean math")
+    train_tokens: int = opt(500_000, "CLM / SLM / random budget")
+    eval_points: int = opt(14, "held-out evaluations per run")
+    n_reference: int = opt(3000, "clean problems")
+    n_web: int = opt(3500, "web pages")
+    n_heldout: int = opt(250, "held-out problems")
+    n_offtarget: int = opt(150, "held-out off-topic pages")
+    math_share: float = opt(0.35, "share of web pages with a worked problem")
+    wrong_share: float = opt(0.5, "share of those whose worked answer has a mistake")
+    accuracy_problems: int = opt(100, "held-out problems for 2-shot answer accuracy (0: skip)")
+    threads: int | None = opt(None, "CPU threads for torch (default: the cores idle at start)")
 
     def check(self) -> None:
         check_ratio(self.ratio)

@@ -21,11 +21,11 @@ from transformers import Trainer
 
 from rho1.data.loader import IGNORE_INDEX
 from rho1.data.store import ScoreStore, TokenStore
-from rho1.evaluate import batch_token_losses
-from rho1.model import head_is_linear, without_head
+from rho1.head import head_is_linear, head_is_whole, reference_token_losses, without_head
 from rho1.selection import (
     check_ratio,
     check_score,
+    get_score,
     num_selected,
     select_from_token_loss,
     selective_linear_cross_entropy,
@@ -97,7 +97,7 @@ class SelectiveTrainer(Trainer):
         self.loss_impl = loss_impl
         self._chunked_head: bool | None = None  # decided at the first batch (see _use_chunked_head)
         self.reference_model = reference_model
-        if self.ratio < 1.0 and self.score in ("excess", "reference") and not self._has_reference_losses():
+        if self.ratio < 1.0 and get_score(self.score).needs_reference and not self._has_reference_losses():
             raise ValueError(f"SelectiveTrainer with score={self.score!r} needs reference losses: pass "
                              "reference_model=MODEL, or data_collator=SelectiveCollator(tokenizer, scores=ScoreStore) "
                              "over a windows_dataset, or a dataset with a 'ref_loss' column")
@@ -127,9 +127,7 @@ class SelectiveTrainer(Trainer):
         ref = self.reference_model
         if self._ref_head is None:  # the same check as the learner's head, once
             self._ref_head = ref if head_is_linear(ref, inputs["input_ids"][:1, :32]) else False
-        losses = batch_token_losses(ref, inputs["input_ids"][:, :-1], shifted_labels,
-                                    head_of=self._ref_head or None)
-        return torch.where(shifted_labels != IGNORE_INDEX, losses.half().float(), torch.nan)
+        return reference_token_losses(ref, inputs["input_ids"][:, :-1], shifted_labels, self._ref_head or None)
 
     def _shifted(self, batch: dict):
         labels = batch["labels"][:, 1:]
@@ -158,12 +156,8 @@ class SelectiveTrainer(Trainer):
         """The loss from the head's input in chunks (rho1.selection.selective_linear_cross_entropy) when the
         model's logits are a plain linear head and the head weight is whole (not FSDP / DeepSpeed)."""
         if self._chunked_head is None:
-            from accelerate import DistributedType
-
-            plain = self.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
-                                                          DistributedType.MULTI_GPU)
             model = self.accelerator.unwrap_model(self.model)
-            self._chunked_head = (self.loss_impl == "auto" and plain
+            self._chunked_head = (self.loss_impl == "auto" and head_is_whole(self.accelerator)
                                   and head_is_linear(model, input_ids[:1, :32].to(self.args.device)))
         return self._chunked_head
 

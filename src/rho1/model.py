@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -101,35 +100,3 @@ def save_checkpoint(model, tokenizer, path: Path, extra: dict | None = None, sta
     tokenizer.save_pretrained(path)
     if extra:
         (path / "rho1_state.json").write_text(json.dumps(extra, indent=2))
-
-
-@contextlib.contextmanager
-def without_head(model):
-    """Inside, ``model(...).logits`` are the LM head's input (the final hidden states) and the head weight is
-    yielded, so the loss can be computed from them without the ``[tokens x vocab]`` logits."""
-    head = model.get_output_embeddings()
-    model.set_output_embeddings(torch.nn.Identity())
-    try:
-        yield head.weight
-    finally:
-        model.set_output_embeddings(head)
-
-
-@torch.no_grad()
-def head_is_linear(model, input_ids: torch.Tensor) -> bool:
-    """True when the model's logits are exactly ``hidden @ head.weight.T`` (no bias, soft-capping or
-    scaling after the head), checked on real input against the model's own forward."""
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
-        return False
-    was_training = model.training
-    model.eval()
-    try:
-        logits = model(input_ids=input_ids).logits.float()
-        with without_head(model) as weight:
-            hidden = model(input_ids=input_ids).logits
-        if hidden.shape[-1] != weight.shape[1]:
-            return False
-        return torch.allclose((hidden @ weight.T).float(), logits, rtol=1e-3, atol=1e-3)
-    finally:
-        model.train(was_training)

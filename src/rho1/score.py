@@ -27,7 +27,7 @@ from rho1.data.store import (
     sha256_file,
     write_json_atomic,
 )
-from rho1.evaluate import linear_head_of, token_losses
+from rho1.head import linear_head_of, token_losses
 from rho1.model import check_model_fits, load_model, model_hash
 from rho1.progress import progress_bar
 
@@ -37,7 +37,8 @@ def _check_same_job(out: Path, identity: dict) -> None:
     before any waits on the others, so a refusal cannot leave a process waiting forever."""
     check_writable(out)
     if not (out / "manifest.json").is_file():
-        if out.is_dir() and any(out.iterdir()):
+        # what another process may be creating right now is ours; anything else is someone's
+        if out.is_dir() and any(p.name not in ("progress", "scores.bin", "manifest.json.tmp") for p in out.iterdir()):
             raise ValueError(f"--out {out} is a folder that holds other files; choose a new or empty folder")
         return
     manifest = read_manifest(out, "ScoreStore", SCORE_FORMAT)
@@ -64,52 +65,29 @@ def _mark_done(out: Path, chunk: int) -> None:
     os.replace(tmp, out / "progress" / str(chunk))
 
 
-def score(cfg: ScoreConfig, progress: bool = True) -> ScoreStore:
-    cfg.check()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    check_writable(cfg.out)
-    store = TokenStore.open(cfg.data).verify()
-    accelerator = make_accelerator(cfg.precision)
-    model = load_model(cfg.model, cfg.trust_remote_code)
+def _reference_model(cfg: ScoreConfig, store: TokenStore, device):
+    """The reference model, held in the compute dtype (as `rho1 train --reference` holds it)."""
+    model = load_model(cfg.model, cfg.trust_remote_code, dtype=compute_dtype(cfg.precision))
     check_model_fits(model, store, cfg.model)
     if cfg.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} is longer than model {cfg.model} supports "
                          f"({model.config.max_position_embeddings}); pass a smaller --seq-len")
-    model.to(accelerator.device)
-    head_of = linear_head_of(model, store, cfg.seq_len)  # when set, no [tokens x vocab] logits are made
-    dtype = compute_dtype(cfg.precision)
+    return model.to(device)
 
-    out = Path(cfg.out)
-    n_windows = store.num_windows(cfg.seq_len)
+
+def _score_chunks(cfg: ScoreConfig, store: TokenStore, model, accelerator, chunks: list[int], progress: bool) -> None:
+    """Reference losses of ``chunks`` into scores.bin, each chunk marked done once its bytes are flushed."""
+    out, n_windows = Path(cfg.out), store.num_windows(cfg.seq_len)
     n_chunks = -(-n_windows // cfg.chunk_windows)
-    identity = {
-        "token_store": str(store.path.resolve()),
-        "token_store_hash": store.hash,
-        "tokenizer_hash": store.tokenizer_hash,
-        "n_tokens": store.n_tokens,
-        "model": {"name": cfg.model, "hash": model_hash(cfg.model, model)},
-        "seq_len": cfg.seq_len,
-        "precision": cfg.precision,
-        "chunk_windows": cfg.chunk_windows,
-        "n_chunks": n_chunks,
-    }
-    _check_same_job(out, identity)
-    if accelerator.is_main_process:
-        _create(out, identity, store.n_tokens)
-    accelerator.wait_for_everyone()
-
-    done = {int(p.name) for p in (out / "progress").iterdir() if p.name.isdigit()}
-    mine = [c for c in range(accelerator.process_index, n_chunks, accelerator.num_processes) if c not in done]
+    head_of = linear_head_of(model, store, cfg.seq_len)  # when set, no [tokens x vocab] logits are made
     scores = np.memmap(out / "scores.bin", dtype=np.float16, mode="r+", shape=(store.n_tokens,))
-    start = time.time()
-    bar = progress_bar(total=len(mine) * cfg.chunk_windows * cfg.seq_len, desc="score", unit="tok", unit_scale=True,
-               disable=not (progress and accelerator.is_main_process))
+    bar = progress_bar(total=len(chunks) * cfg.chunk_windows * cfg.seq_len, desc="score", unit="tok",
+                       unit_scale=True, disable=not (progress and accelerator.is_main_process))
     try:
-        for chunk in mine:
+        for chunk in chunks:
             windows = np.arange(chunk * cfg.chunk_windows, min((chunk + 1) * cfg.chunk_windows, n_windows))
             losses = token_losses(model, store, cfg.seq_len, cfg.batch_size, windows, autocast=accelerator.autocast,
-                                  head_of=head_of, dtype=dtype)
+                                  head_of=head_of, dtype=compute_dtype(cfg.precision))
             lo = int(windows[0]) * cfg.seq_len
             hi = store.n_tokens if chunk == n_chunks - 1 else int(windows[-1] + 1) * cfg.seq_len
             scores[lo:hi] = losses[lo:hi].astype(np.float16)
@@ -117,33 +95,57 @@ def score(cfg: ScoreConfig, progress: bool = True) -> ScoreStore:
             _mark_done(out, chunk)
             bar.update(len(windows) * cfg.seq_len)
     except KeyboardInterrupt:
-        bar.close()
         finished = sum(p.name.isdigit() for p in (out / "progress").iterdir())
         raise Interrupted(f"interrupted with {finished} of {n_chunks} chunks of {out} scored; run the same "
                           "command again to score the rest") from None
-    bar.close()
-    seconds = time.time() - start
-    del scores
-    accelerator.wait_for_everyone()
+    finally:
+        bar.close()
 
+
+def score(cfg: ScoreConfig, progress: bool = True) -> ScoreStore:
+    """Every token's reference loss -> a ScoreStore at ``cfg.out`` (resumed when it holds this job)."""
+    cfg.check()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    check_writable(cfg.out)
+    store = TokenStore.open(cfg.data).verify()
+    accelerator = make_accelerator(cfg.precision)
+    model = _reference_model(cfg, store, accelerator.device)
+    out = Path(cfg.out)
+    n_chunks = -(-store.num_windows(cfg.seq_len) // cfg.chunk_windows)
+    identity = {"token_store": str(store.path.resolve()), "token_store_hash": store.hash,
+                "tokenizer_hash": store.tokenizer_hash, "n_tokens": store.n_tokens,
+                "model": {"name": cfg.model, "hash": model_hash(cfg.model, model)}, "seq_len": cfg.seq_len,
+                "precision": cfg.precision, "chunk_windows": cfg.chunk_windows, "n_chunks": n_chunks}
+    _check_same_job(out, identity)
     if accelerator.is_main_process:
-        finished = sorted(int(p.name) for p in (out / "progress").iterdir() if p.name.isdigit())
-        if finished != list(range(n_chunks)):
-            raise RuntimeError(f"scoring {out} ended with chunks missing; run the same command again to finish them")
-        values = np.fromfile(out / "scores.bin", dtype=np.float16).astype(np.float32)
-        manifest = {
-            "format": SCORE_FORMAT,
-            **identity,
-            "complete": True,
-            "completed_ranges": [[0, store.n_tokens]],
-            "sha256": {"scores.bin": sha256_file(out / "scores.bin")},
-            "mean_loss": float(np.nanmean(values)) if np.isfinite(values).any() else None,
-            "tokens_per_second": round(len(mine) * cfg.chunk_windows * cfg.seq_len * accelerator.num_processes
-                                       / max(seconds, 1e-9), 1),
-        }
-        write_json_atomic(out / "manifest.json", manifest)
-        if progress:
-            print(f"score: {store.n_tokens:,} tokens, mean reference loss {manifest['mean_loss']:.4f} -> {out} "
-                  f"({manifest['tokens_per_second']:,.0f} tokens/s over {accelerator.num_processes} process(es))")
+        _create(out, identity, store.n_tokens)
+    accelerator.wait_for_everyone()
+    done = {int(p.name) for p in (out / "progress").iterdir() if p.name.isdigit()}
+    mine = [c for c in range(accelerator.process_index, n_chunks, accelerator.num_processes) if c not in done]
+    start = time.time()
+    _score_chunks(cfg, store, model, accelerator, mine, progress)
+    tokens_per_second = len(mine) * cfg.chunk_windows * cfg.seq_len * accelerator.num_processes / max(
+        time.time() - start, 1e-9)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _complete(out, identity, store, n_chunks, tokens_per_second, accelerator.num_processes, progress)
     accelerator.wait_for_everyone()
     return ScoreStore.open(out, store)
+
+
+def _complete(out: Path, identity: dict, store: TokenStore, n_chunks: int, tokens_per_second: float, processes: int,
+              progress: bool) -> None:
+    """The manifest says complete, with the hash of the scores, once every chunk is done."""
+    finished = sorted(int(p.name) for p in (out / "progress").iterdir() if p.name.isdigit())
+    if finished != list(range(n_chunks)):
+        raise RuntimeError(f"scoring {out} ended with chunks missing; run the same command again to finish them")
+    values = np.fromfile(out / "scores.bin", dtype=np.float16).astype(np.float32)
+    manifest = {"format": SCORE_FORMAT, **identity, "complete": True, "completed_ranges": [[0, store.n_tokens]],
+                "sha256": {"scores.bin": sha256_file(out / "scores.bin")},
+                "mean_loss": float(np.nanmean(values)) if np.isfinite(values).any() else None,
+                "tokens_per_second": round(tokens_per_second, 1)}
+    write_json_atomic(out / "manifest.json", manifest)
+    if progress:
+        print(f"score: {store.n_tokens:,} tokens, mean reference loss {manifest['mean_loss']:.4f} -> {out} "
+              f"({manifest['tokens_per_second']:,.0f} tokens/s over {processes} process(es))")

@@ -20,8 +20,9 @@ import yaml
 from rho1.analysis.plots import figure, to_data_uri
 from rho1.config import DynamicsConfig
 from rho1.data.store import TokenStore, check_writable
-from rho1.evaluate import linear_head_of, token_losses
+from rho1.head import linear_head_of, token_losses
 from rho1.model import load_model
+from rho1.train.checkpoint import checkpoints
 
 CLASSES = ("H->H", "L->H", "H->L", "L->L")
 COLORS = {"H->H": "#d62728", "L->H": "#ff7f0e", "H->L": "#1f77b4", "L->L": "#2ca02c"}
@@ -34,9 +35,7 @@ def run_checkpoints(run: Path, include_start: bool = True) -> list[tuple[int, Pa
     start = config.get("model")
     if include_start and start and (Path(start) / "config.json").is_file():
         found.append((0, Path(start)))
-    root = run / "checkpoints"
-    if root.is_dir():
-        found += sorted((int(p.name), p) for p in root.iterdir() if p.name.isdigit() and (p / "config.json").is_file())
+    found += [(int(p.name), p) for p in checkpoints(run)]
     final = run / "final"
     if (final / "rho1_state.json").is_file():
         found.append((json.loads((final / "rho1_state.json").read_text())["tokens"], final))

@@ -17,11 +17,11 @@ import yaml
 from markupsafe import Markup
 
 from rho1.analysis.dynamics import CLASSES, Dynamics, classify
+from rho1.analysis.html import render_page
 from rho1.analysis.plots import figure, to_data_uri
-from rho1.analysis.viewer import render_page
 from rho1.config import ReportConfig
 from rho1.data.store import check_writable
-from rho1.evaluate import read_curve, token_efficiency
+from rho1.eval.curves import format_efficiency, read_curve, target_key, token_efficiency
 
 BODY = jinja2.Template("""\
 <p>{{ runs|length }} run(s); token efficiency = tokens the baseline (<b>{{ baseline }}</b>) needs to reach its own
@@ -56,12 +56,10 @@ def read_run(path: Path) -> dict:
 
 
 def _target_key(runs: list[dict]) -> str:
-    keys = [k for r in runs for e in r["evals"][-1:] for k in e if k.startswith("eval/")]
-    for suffix in ("/target_loss", "/loss"):
-        for k in keys:
-            if k.endswith(suffix):
-                return k
-    raise ValueError("the runs have no held-out evaluation to compare; train them with --eval-data")
+    key = target_key(k for r in runs for e in r["evals"][-1:] for k in e)
+    if key is None:
+        raise ValueError("the runs have no held-out evaluation to compare; train them with --eval-data")
+    return key
 
 
 def load_dynamics(run: Path) -> Dynamics | None:
@@ -115,7 +113,7 @@ def build_report(cfg: ReportConfig, viewer_html: str | None = None) -> tuple[str
         last = r["evals"][-1] if r["evals"] else {}
         curve = read_curve(r["path"] / "metrics.jsonl", target)
         eff, reached = token_efficiency(base_curve, curve) if base_curve and curve else (float("nan"), False)
-        efficiency = "n/a" if eff != eff else (f"{eff:.2f}x" if reached else f"< {eff:.2f}x (never reached)")
+        efficiency = format_efficiency(eff, reached)
         rows.append({"name": r["name"], "objective": r["config"].get("objective", "?"),
                      "ratio": r["config"].get("ratio") if r["config"].get("objective") == "slm" else 1.0,
                      "score": r["config"].get("score", "") if r["config"].get("objective") == "slm" else "",

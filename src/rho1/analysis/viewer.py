@@ -16,32 +16,15 @@ from pathlib import Path
 
 import jinja2
 import numpy as np
-from markupsafe import Markup
 
+from rho1.analysis.html import render_page
 from rho1.config import ViewConfig
 from rho1.data.store import ScoreStore, TokenStore, check_writable
-from rho1.evaluate import fixed_selection, linear_head_of, token_losses
+from rho1.eval.heldout import fixed_selection
+from rho1.head import linear_head_of, token_losses
 from rho1.model import check_model_fits, load_model
 
 LEVELS = ("deep blue", "light blue", "black", "light orange", "dark orange")
-CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
-.tokens { font-family: ui-monospace, monospace; white-space: pre-wrap; line-height: 1.7; font-size: 13px;
-          border: 1px solid #ddd; padding: 0.8em; border-radius: 4px; }
-.tokens span { unicode-bidi: isolate; }
-.columns { display: grid; gap: 1em; }
-.selected { background: #cfe0ff; color: #0b3d91; }
-.unselected { color: #666; }
-.l0 { color: #0b3d91; font-weight: 600; } .l1 { color: #5b8fd9; } .l2 { color: #111; }
-.l3 { color: #f0a050; } .l4 { color: #c04a00; font-weight: 600; }
-.ctrl { border: 1px dotted #999; font-size: 10px; color: #a00; }
-table { border-collapse: collapse; margin: 0.6em 0; } td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
-th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
-.legend span { padding: 0 0.4em; margin-right: 0.5em; }
-"""
-
 FRAGMENT = jinja2.Template("""\
 <section class="viewer" data-mode="{{ mode }}">
 <p class="legend">{% if mode == "selection" %}<span class="sample selected">selected (top {{ "%.0f" % (ratio * 100) }}% by excess loss)</span><span class="sample unselected">not selected</span>
@@ -52,17 +35,6 @@ FRAGMENT = jinja2.Template("""\
 {% endfor %}</div>
 </section>
 """, autoescape=True)
-
-PAGE = jinja2.Template("""\
-<!doctype html>
-<html><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{{ csp }}">
-<title>{{ title }}</title><style>{{ style }}</style></head>
-<body><h1>{{ title }}</h1>
-{{ body }}
-</body></html>
-""", autoescape=True)
-
 
 def visible_parts(text: str) -> list[tuple[bool, str]]:
     """Split text into (is_control, text) runs; invisible control and format characters (NUL, right-to-left
@@ -133,11 +105,6 @@ def render_fragment(pieces: list[str], columns: list[ViewColumn], ratio: float, 
     n_selected = int(columns[-1].selected.sum())
     return FRAGMENT.render(mode=mode, ratio=ratio, levels=LEVELS, columns=rendered, n_tokens=len(pieces),
                            n_selected=n_selected, source=source)
-
-
-def render_page(title: str, body_html: str, style: str = "") -> str:
-    """A self-contained page around fragments our own templates made (and escaped)."""
-    return PAGE.render(title=title, body=Markup(body_html), style=Markup(STYLE + style), csp=CSP)
 
 
 def build_view(cfg: ViewConfig) -> tuple[str, dict]:

@@ -17,7 +17,6 @@ class Batch:
     input_ids: torch.Tensor  # [B, T]
     labels: torch.Tensor  # [B, T], labels[b, t] = input_ids[b, t + 1]; IGNORE_INDEX past the window
     ref_loss: torch.Tensor | None  # [B, T], reference loss of labels[b, t]; NaN where unknown
-    target: torch.Tensor | None  # [B, T] bool, labels that count for target-domain metrics
     positions: torch.Tensor  # [B, T] int64, stream position of labels[b, t] (-1 where ignored)
 
     def to(self, device) -> Batch:
@@ -25,12 +24,10 @@ class Batch:
         return Batch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
 
 
-def make_batch(store: TokenStore, windows, seq_len: int, scores: ScoreStore | None = None,
-               pad_id: int | None = None) -> Batch:
-    """The windows (indices into the store's seq_len windows) as one right-padded batch."""
-    pad_id = store.manifest["eos_token_id"] if pad_id is None else pad_id
+def make_batch(store: TokenStore, windows, seq_len: int, scores: ScoreStore | None = None) -> Batch:
+    """The windows (indices into the store's seq_len windows) as one batch, right-padded with EOS."""
     n = len(windows)
-    input_ids = np.full((n, seq_len), pad_id, dtype=np.int64)
+    input_ids = np.full((n, seq_len), store.manifest["eos_token_id"], dtype=np.int64)
     positions = np.full((n, seq_len), -1, dtype=np.int64)
     for row, w in enumerate(windows):
         start = int(w) * seq_len
@@ -39,14 +36,11 @@ def make_batch(store: TokenStore, windows, seq_len: int, scores: ScoreStore | No
         positions[row, : end - start - 1] = np.arange(start + 1, end)
     has_label = positions >= 0
     labels = np.where(has_label, np.roll(input_ids, -1, axis=1), IGNORE_INDEX)
-    safe = np.where(has_label, positions, 0)
-    ref = target = None
+    ref = None
     if scores is not None:
-        ref = np.where(has_label, scores.scores[safe].astype(np.float32), np.nan)
-        ref = torch.from_numpy(ref)
-    if store.target_mask is not None:
-        target = torch.from_numpy(has_label & (store.target_mask[safe] > 0))
-    return Batch(torch.from_numpy(input_ids), torch.from_numpy(labels), ref, target, torch.from_numpy(positions))
+        safe = np.where(has_label, positions, 0)
+        ref = torch.from_numpy(np.where(has_label, scores.scores[safe].astype(np.float32), np.nan))
+    return Batch(torch.from_numpy(input_ids), torch.from_numpy(labels), ref, torch.from_numpy(positions))
 
 
 class WindowOrder:
@@ -56,18 +50,15 @@ class WindowOrder:
     seen at any step is a pure function of (seed, step): resuming needs only the step.
     """
 
-    def __init__(self, n_windows: int, seed: int, shuffle: bool = True):
+    def __init__(self, n_windows: int, seed: int):
         if n_windows <= 0:
             raise ValueError("the TokenStore has no full window of tokens; use a larger corpus or a smaller --seq-len")
-        self.n_windows, self.seed, self.shuffle = n_windows, seed, shuffle
+        self.n_windows, self.seed = n_windows, seed
         self._cache: dict[int, np.ndarray] = {}
 
     def epoch(self, e: int) -> np.ndarray:
-        if e not in self._cache:
-            if self.shuffle:
-                self._cache = {e: np.random.default_rng([self.seed, e]).permutation(self.n_windows)}
-            else:
-                self._cache = {e: np.arange(self.n_windows)}
+        if e not in self._cache:  # one epoch at a time is kept
+            self._cache = {e: np.random.default_rng([self.seed, e]).permutation(self.n_windows)}
         return self._cache[e]
 
     def take(self, start: int, count: int) -> np.ndarray:

@@ -70,7 +70,46 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise ValueError(f"--out {out} is a folder that holds other files; choose a new or empty folder")
 
 
+def _tokenizer(cfg: PrepareConfig, texts):
+    """(tokenizer, its name in the manifest): a byte-level BPE trained on ``texts``, or the one named."""
+    if cfg.train_tokenizer is not None:
+        return train_bpe(texts, cfg.train_tokenizer), f"bpe-{cfg.train_tokenizer}"
+    return resolve_tokenizer(cfg.tokenizer, cfg.trust_remote_code), cfg.tokenizer
+
+
+def write_stream(folder: Path, tokenizer, documents, batch_docs: int = 512, progress: bool = True) -> dict:
+    """Tokenize ``documents`` into ``folder`` (tokens.bin, target_mask.bin when any document has a target
+    part, doc_offsets.npy), each document followed by EOS; returns the counts and hashes for the manifest."""
+    dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
+    content, hashes = hashlib.sha256(), {"tokens.bin": hashlib.sha256(), "target_mask.bin": hashlib.sha256()}
+    offsets, any_target = [0], False
+    bar = progress_bar(desc="prepare", unit="tok", unit_scale=True, disable=not progress)
+    with open(folder / "tokens.bin", "wb") as ftok, open(folder / "target_mask.bin", "wb") as fmask:
+        docs = iter(documents)
+        while batch := list(itertools.islice(docs, batch_docs)):
+            before = offsets[-1]
+            for ids, mask in _encode_batch(tokenizer, batch):
+                arr = np.asarray(ids + [tokenizer.eos_token_id], dtype=dtype)
+                for f, h, data in ((ftok, hashes["tokens.bin"], arr.tobytes()),
+                                   (fmask, hashes["target_mask.bin"], mask.tobytes())):
+                    f.write(data)
+                    h.update(data)
+                    content.update(data)
+                any_target |= bool(mask.any())
+                offsets.append(offsets[-1] + len(arr))
+            bar.update(offsets[-1] - before)
+    bar.close()
+    if not any_target:
+        (folder / "target_mask.bin").unlink()
+        del hashes["target_mask.bin"]
+    np.save(folder / "doc_offsets.npy", np.asarray(offsets, dtype=np.int64), allow_pickle=False)
+    return {"dtype": np.dtype(dtype).name, "n_tokens": offsets[-1], "n_docs": len(offsets) - 1,
+            "has_target_mask": any_target, "content_hash": content.hexdigest()[:16],
+            "sha256": {name: h.hexdigest() for name, h in hashes.items()}}
+
+
 def prepare(cfg: PrepareConfig, progress: bool = True) -> TokenStore:
+    """Text sources -> a TokenStore at ``cfg.out``, written beside it and moved into place when complete."""
     cfg.check()
     out = Path(cfg.out)
     check_out(out, cfg.overwrite)
@@ -80,75 +119,25 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> TokenStore:
     def documents():
         return read_documents(files, cfg.text_field, template, cfg.target_field, cfg.split)
 
-    first = next(iter(documents()), None)
-    if first is None:
+    if next(iter(documents()), None) is None:
         raise ValueError(f"no text found in {', '.join(map(str, files))}; the corpus is empty")
-
     start = time.time()
-    if cfg.train_tokenizer is not None:
-        tokenizer = train_bpe((d.text for d in documents()), cfg.train_tokenizer)
-        tokenizer_name = f"bpe-{cfg.train_tokenizer}"
-    else:
-        tokenizer = resolve_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
-        tokenizer_name = cfg.tokenizer
-    vocab_size = len(tokenizer)
-    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
-    eos = tokenizer.eos_token_id
-
+    tokenizer, tokenizer_name = _tokenizer(cfg, (d.text for d in documents()))
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    content = hashlib.sha256()
-    file_hashes = {"tokens.bin": hashlib.sha256(), "target_mask.bin": hashlib.sha256()}
-    offsets = [0]
-    n_tokens = 0
-    any_target = False
-    bar = progress_bar(desc="prepare", unit="tok", unit_scale=True, disable=not progress)
-    with open(tmp / "tokens.bin", "wb") as ftok, open(tmp / "target_mask.bin", "wb") as fmask:
-        docs_iter = documents()
-        while batch := list(itertools.islice(docs_iter, cfg.batch_docs)):
-            before = n_tokens
-            for ids, mask in _encode_batch(tokenizer, batch):
-                arr = np.asarray(ids + [eos], dtype=dtype)
-                ftok.write(arr.tobytes())
-                fmask.write(mask.tobytes())
-                content.update(arr.tobytes())
-                content.update(mask.tobytes())
-                file_hashes["tokens.bin"].update(arr.tobytes())
-                file_hashes["target_mask.bin"].update(mask.tobytes())
-                any_target |= bool(mask.any())
-                n_tokens += len(arr)
-                offsets.append(n_tokens)
-            bar.update(n_tokens - before)
-    bar.close()
-    if not any_target:
-        (tmp / "target_mask.bin").unlink()
-        del file_hashes["target_mask.bin"]
-    np.save(tmp / "doc_offsets.npy", np.asarray(offsets, dtype=np.int64), allow_pickle=False)
+    written = write_stream(tmp, tokenizer, documents(), cfg.batch_docs, progress)
     tokenizer.save_pretrained(tmp / "tokenizer")
     seconds = time.time() - start
-    manifest = {
-        "format": TOKEN_FORMAT,
-        "dtype": np.dtype(dtype).name,
-        "n_tokens": n_tokens,
-        "n_docs": len(offsets) - 1,
-        "vocab_size": vocab_size,
-        "eos_token_id": eos,
-        "tokenizer": {"name": tokenizer_name, "hash": tokenizer_hash(tokenizer)},
-        "sources": [str(f) for f in files],
-        "text_field": cfg.text_field,
-        "split": cfg.split,
-        "template": template,
-        "target_field": cfg.target_field,
-        "has_target_mask": any_target,
-        "content_hash": content.hexdigest()[:16],
-        "sha256": {name: h.hexdigest() for name, h in file_hashes.items()},
-        "seconds": round(seconds, 3),
-    }
+    manifest = {"format": TOKEN_FORMAT, **{k: written[k] for k in ("dtype", "n_tokens", "n_docs")},
+                "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+                "tokenizer": {"name": tokenizer_name, "hash": tokenizer_hash(tokenizer)},
+                "sources": [str(f) for f in files], "text_field": cfg.text_field, "split": cfg.split,
+                "template": template, "target_field": cfg.target_field,
+                **{k: written[k] for k in ("has_target_mask", "content_hash", "sha256")}, "seconds": round(seconds, 3)}
     write_json_atomic(tmp / "manifest.json", manifest)
     replace_dir(tmp, out)
-    store = TokenStore.open(out)
     if progress:
-        print(f"prepare: {n_tokens:,} tokens in {manifest['n_docs']:,} documents -> {out} "
-              f"({n_tokens / max(seconds, 1e-9):,.0f} tokens/s, {manifest['dtype']})")
-    return store
+        print(f"prepare: {written['n_tokens']:,} tokens in {written['n_docs']:,} documents -> {out} "
+              f"({written['n_tokens'] / max(seconds, 1e-9):,.0f} tokens/s, {written['dtype']})")
+    return TokenStore.open(out)

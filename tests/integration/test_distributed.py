@@ -69,7 +69,7 @@ def test_global_selection_on_two_ranks_equals_one_process_on_the_concatenated_ba
 
     from rho1.selection import select_from_token_loss
 
-    worker = str(ROOT / "tests" / "dist_selection_worker.py")
+    worker = str(ROOT / "tests" / "integration" / "dist_selection_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", worker,
            str(tmp_path / "mask")]
     result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
@@ -149,7 +149,8 @@ def test_corrupted_checkpoint_is_reported_before_resuming(stores, tmp_path):
     data[-10] ^= 0xFF
     (newest / "model.safetensors").write_bytes(bytes(data))
     cfg.resume = True
-    with pytest.raises(ValueError, match=r"checkpoint file .*3072/model.safetensors is missing or corrupted"):
+    with pytest.raises(ValueError, match=r"3072/model.safetensors does not match the hash in its manifest "
+                                         r"\(corrupted or changed\); delete .*3072 to resume from the checkpoint before"):
         train(cfg, progress=False)
 
 

@@ -3,13 +3,11 @@ import json
 import numpy as np
 import pytest
 from conftest import MATH_TEMPLATE, SEQ_LEN
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from rho1.data.loader import make_batch
 from rho1.data.prepare import PrepareConfig, prepare
 from rho1.data.store import ScoreStore, TokenStore
-from rho1.evaluate import token_losses
+from rho1.head import token_losses
 from rho1.model import load_model
 from rho1.score import ScoreConfig, score
 
@@ -41,21 +39,6 @@ def test_target_mask_marks_the_answer_tokens(stores, data_dir):
     assert not mask[0]
 
 
-def test_large_vocabulary_is_stored_as_uint32(tmp_path):
-    vocab = {f"w{i}": i for i in range(70_000)}
-    vocab["<eos>"] = 70_000
-    vocab["<unk>"] = 70_001
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
-    tok.save_pretrained(tmp_path / "tok")
-    (tmp_path / "a.txt").write_text("w1 w69999 w42 w65536")
-    store = prepare(PrepareConfig([str(tmp_path / "a.txt")], str(tmp_path / "s"), tokenizer=str(tmp_path / "tok")),
-                    progress=False)
-    assert store.manifest["dtype"] == "uint32"
-    assert store.tokens.tolist() == [1, 69999, 42, 65536, 70_000]
-
-
 def test_score_store_matches_a_direct_forward_of_each_window(stores, corpus_scores, reference_model):
     store = stores["corpus"]
     model = load_model(str(reference_model))
@@ -80,7 +63,7 @@ def test_dynamics_equal_token_losses_is_deterministic(stores, reference_model):
 
 def test_chunked_head_losses_equal_full_logits(stores, reference_model):
     """Scoring and evaluation compute losses from the head's input in chunks; same numbers as full logits."""
-    from rho1.evaluate import linear_head_of
+    from rho1.head import linear_head_of
 
     model = load_model(str(reference_model))
     head_of = linear_head_of(model, stores["heldout"], SEQ_LEN)
@@ -119,28 +102,6 @@ def test_model_with_another_tokenizer_is_refused(reference_model, data_dir, tmp_
         score(ScoreConfig(str(other.path), str(reference_model), str(tmp_path / "s"), SEQ_LEN), progress=False)
 
 
-def test_empty_corpus_is_refused(tmp_path):
-    (tmp_path / "empty.txt").write_text("  \n")
-    with pytest.raises(ValueError, match="the corpus is empty"):
-        prepare(PrepareConfig([str(tmp_path / "empty.txt")], str(tmp_path / "s"), train_tokenizer=300), progress=False)
-
-
-def test_missing_jsonl_field_is_refused(tmp_path):
-    (tmp_path / "a.jsonl").write_text('{"question": "1+1?", "solution": "2"}\n')
-    with pytest.raises(ValueError, match=r"line 1 has no field 'text'; pass --text-field with one of: question"):
-        prepare(PrepareConfig([str(tmp_path / "a.jsonl")], str(tmp_path / "s"), train_tokenizer=300), progress=False)
-    with pytest.raises(ValueError, match="no field 'answer' used by --template"):
-        prepare(PrepareConfig([str(tmp_path / "a.jsonl")], str(tmp_path / "s"), train_tokenizer=300,
-                              template=MATH_TEMPLATE), progress=False)
-
-
-def test_non_utf8_file_is_refused(tmp_path):
-    (tmp_path / "latin.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
-    with pytest.raises(ValueError, match=r"latin.txt is not UTF-8 text \(bad byte at offset 3\); convert it"):
-        prepare(PrepareConfig([str(tmp_path / "latin.txt")], str(tmp_path / "s"), train_tokenizer=300), progress=False)
-    assert not (tmp_path / "s").exists()
-
-
 def test_truncated_token_file_is_reported(stores, tmp_path):
     import shutil
 
@@ -150,24 +111,6 @@ def test_truncated_token_file_is_reported(stores, tmp_path):
         f.truncate(100)
     with pytest.raises(ValueError, match="tokens.bin is truncated or corrupted"):
         _ = TokenStore.open(copy).tokens
-
-
-def test_parquet_and_folder_sources(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.table({"question": ["What is 2 + 3?", "What is 4 * 5?"], "answer": ["#### 5", "#### 20"]}),
-                   tmp_path / "qa.parquet")
-    (tmp_path / "notes").mkdir()
-    (tmp_path / "notes" / "b.txt").write_text("second file")
-    (tmp_path / "notes" / "a.txt").write_text("first file")
-    store = prepare(PrepareConfig([str(tmp_path / "qa.parquet"), str(tmp_path / "notes")], str(tmp_path / "s"),
-                                  train_tokenizer=300, template=MATH_TEMPLATE), progress=False)
-    tok = store.tokenizer()
-    off = store.doc_offsets
-    docs = [tok.decode(store.tokens[off[i] : off[i + 1] - 1].tolist()) for i in range(len(off) - 1)]
-    assert docs == ["Question: What is 2 + 3?\nAnswer: #### 5", "Question: What is 4 * 5?\nAnswer: #### 20",
-                    "first file", "second file"]
 
 
 def test_corrupted_token_store_is_reported_before_any_work(stores, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SEQ_LEN, read_metrics
+from conftest import SEQ_LEN, read_metrics
 
 from rho1.cli import main
 from rho1.data.prepare import PrepareConfig, prepare
@@ -54,15 +54,6 @@ def readonly_dir(tmp_path):
 
 
 # ---- a CLI that answers at once ----
-
-def test_importing_the_cli_and_refusing_an_option_import_no_torch():
-    code = ("import sys; from rho1.cli import main; rc = main(['train', '--data', 'x', '--ratio', '1.5']); "
-            "print(rc, 'torch' in sys.modules, 'transformers' in sys.modules, 'matplotlib' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
-    assert result.stdout.split() == ["2", "False", "False", "False"], result.stderr
-    assert "selection ratio must be in (0, 1]" in result.stderr
-    help_text = subprocess.run([sys.executable, "-m", "rho1", "train", "--help"], capture_output=True, text=True)
-    assert help_text.returncode == 0 and "--threads" in help_text.stdout and "--keep-last" in help_text.stdout
 
 
 # ---- nothing overwritten or lost ----
@@ -237,11 +228,12 @@ def test_selective_trainer_without_reference_losses_is_refused_when_built(stores
 
 def test_checkpoint_errors_say_what_happened(stores, tmp_path, monkeypatch):
     import rho1.train as train_module
+    import rho1.train.checkpoint
 
     def broken(*args, **kwargs):
         raise RuntimeError("the serializer broke")
 
-    monkeypatch.setattr(train_module, "save_checkpoint", broken)
+    monkeypatch.setattr(rho1.train.checkpoint, "save_checkpoint", broken)
     cfg = train_module.TrainConfig(data=str(stores["reference"].path), out=str(tmp_path / "run"), model_preset="nano",
                                    seq_len=SEQ_LEN, batch_size=4, max_tokens=4096, save_every=1024)
     with pytest.raises(OSError, match=r"could not write checkpoint .*1024 \(RuntimeError: the serializer broke\); "
@@ -284,18 +276,6 @@ def test_progress_in_a_file_is_plain_lines_and_no_shared_tensor_warning(stores, 
     assert len(list((out / "checkpoints").iterdir())) == 3
 
 
-def test_threads_option_and_default():
-    from rho1.threads import idle_cores, set_threads
-
-    before = torch.get_num_threads()
-    try:
-        assert set_threads(1) == 1
-        idle = idle_cores(0.05)
-        assert idle is None or 1 <= idle <= (os.cpu_count() or 1)
-    finally:
-        torch.set_num_threads(before)
-
-
 # ---- correctness ----
 
 def test_eval_reads_its_config_and_checks_the_scores_window(stores, reference_model, corpus_scores, tmp_path,
@@ -325,17 +305,6 @@ def test_scoring_the_same_store_spelled_differently_is_the_same_job(stores, refe
                               os.path.relpath(out), SEQ_LEN), progress=False)
     assert np.array_equal(np.asarray(first.scores), np.asarray(again.scores), equal_nan=True)
     assert Path(again.manifest["token_store"]).is_absolute()
-
-
-def test_random_scores_differ_between_processes_that_rank_their_own_tokens():
-    from rho1.train import TrainConfig, selection_seed
-
-    cfg = TrainConfig(data="x", grad_accum=2)
-    seeds = {selection_seed(cfg, step, m, rank) for step in range(50) for m in range(2) for rank in range(8)}
-    assert len(seeds) == 50 * 2 * 8
-    assert selection_seed(cfg, 3, 1, 0) == cfg.seed * 1_000_003 + 3 * 2 + 1  # one process: the stream as before
-    # the global scope draws the whole gathered batch's scores on every process: they must agree
-    assert {selection_seed(cfg, 3, 1, rank, global_scope=True) for rank in range(8)} == {selection_seed(cfg, 3, 1, 0)}
 
 
 def test_log_every_averages_loss_and_grad_norm_over_its_steps(stores, tmp_path):
@@ -374,15 +343,16 @@ def test_resume_without_a_checkpoint_recomputes_the_heldout_split(stores, refere
 
 def test_online_reference_is_loaded_in_the_compute_dtype(stores, reference_model, tmp_path, monkeypatch):
     import rho1.train as train_module
+    import rho1.train.loop
 
     dtypes = []
-    real = train_module.load_model
+    real = rho1.train.loop.load_model
 
     def recording(name, trust_remote_code=False, dtype=None):
         dtypes.append(dtype)
         return real(name, trust_remote_code, dtype)
 
-    monkeypatch.setattr(train_module, "load_model", recording)
+    monkeypatch.setattr(rho1.train.loop, "load_model", recording)
     train_module.train(train_module.TrainConfig(
         data=str(stores["corpus"].path), out=str(tmp_path / "run"), objective="slm", reference=str(reference_model),
         model=str(reference_model), seq_len=SEQ_LEN, batch_size=2, max_tokens=256, precision="bf16"), progress=False)
@@ -401,8 +371,3 @@ def test_dynamics_says_what_it_covers_and_warns_about_pruned_checkpoints(stores,
     assert "warning" in out and "--keep-last 0" in out and "5 earlier ones were deleted" in out
 
 
-def test_shipped_test_data_has_its_licences():
-    data = ROOT / "tests" / "data"
-    assert (data / "gsm8k" / "LICENSE").read_text().startswith("MIT License")
-    assert (data / "tinyshakespeare" / "LICENSE").is_file() and (data / "README.md").is_file()
-    assert sum(p.stat().st_size for p in data.rglob("*") if p.is_file()) < 1_100_000

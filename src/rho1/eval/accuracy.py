@@ -18,7 +18,9 @@ from rho1.config import AnswerConfig
 from rho1.data.sources import read_jsonl_records
 from rho1.progress import progress_bar
 
-QA_TEMPLATE = "Question: {question}\nAnswer:"
+# the training text of a problem (rho1 prepare --template) and, cut before the answer, its prompt
+QA_TEMPLATE = "Question: {question}\nAnswer: {answer}"
+PROMPT_TEMPLATE = QA_TEMPLATE.split(" {answer}")[0]
 STOP = "\nQuestion:"  # the model starting the next problem ends its answer
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -49,8 +51,8 @@ def extract_answer(text: str) -> str | None:
 
 
 def few_shot_prompt(question: str, exemplars: list[dict]) -> str:
-    shots = "".join(QA_TEMPLATE.format(question=e["question"]) + " " + e["answer"].strip() + "\n\n" for e in exemplars)
-    return shots + QA_TEMPLATE.format(question=question)
+    shots = "".join(QA_TEMPLATE.format(question=e["question"], answer=e["answer"].strip()) + "\n\n" for e in exemplars)
+    return shots + PROMPT_TEMPLATE.format(question=question)
 
 
 @torch.no_grad()

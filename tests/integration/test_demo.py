@@ -36,21 +36,6 @@ def test_quick_demo_runs_every_stage_end_to_end(tmp_path, capsys):
     assert len({json.loads((out / r / "summary.json").read_text())["tokens"] for r in ("clm", "slm", "random")}) == 1
 
 
-def test_demo_data_is_deterministic_and_keeps_heldout_out_of_training(tmp_path):
-    from rho1.data.demo import generate
-
-    a = generate(tmp_path / "a", seed=3, n_reference=50, n_web=200, n_heldout=30, n_offtarget=5)
-    b = generate(tmp_path / "b", seed=3, n_reference=50, n_web=200, n_heldout=30, n_offtarget=5)
-    for name in a:
-        assert a[name].read_bytes() == b[name].read_bytes()
-    heldout = [json.loads(line)["question"] for line in a["heldout"].read_text().splitlines()]
-    reference = {json.loads(line)["question"] for line in a["reference"].read_text().splitlines()}
-    web = a["web"].read_text()
-    assert not reference & set(heldout)
-    assert not any(q in web for q in heldout)
-    assert "#### " in web and "https://" in web
-
-
 def test_cli_reports_bad_input_in_one_sentence(tmp_path):
     (tmp_path / "latin.txt").write_bytes("na\xefve".encode("latin-1"))
     result = subprocess.run([sys.executable, "-m", "rho1", "prepare", str(tmp_path / "latin.txt"), "--out",

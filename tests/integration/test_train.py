@@ -103,7 +103,7 @@ def test_chunked_head_loss_trains_like_full_logits(stores, corpus_scores, tmp_pa
 def test_head_check_accepts_a_linear_head_and_refuses_soft_capping():
     from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from rho1.model import head_is_linear
+    from rho1.head import head_is_linear
 
     ids = torch.randint(0, 100, (1, 12))
     small = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

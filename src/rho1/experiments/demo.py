@@ -7,6 +7,7 @@ random control all continue from the base on the same web tokens in the same ord
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -16,21 +17,23 @@ from pathlib import Path
 
 import torch
 
-from rho1.accuracy import AnswerConfig, answer_accuracy
 from rho1.analysis.dynamics import DynamicsConfig, compute_dynamics
 from rho1.analysis.report import ReportConfig, report
 from rho1.analysis.viewer import ViewConfig, build_view, run_checkpoint_columns
 from rho1.config import DemoConfig
-from rho1.data import demo as demo_data
 from rho1.data.prepare import PrepareConfig, prepare
 from rho1.data.store import check_writable
 from rho1.data.tokenizer import load_tokenizer
-from rho1.evaluate import read_curve, token_efficiency
+from rho1.eval.accuracy import QA_TEMPLATE, AnswerConfig, answer_accuracy
+from rho1.eval.curves import format_efficiency, read_curve, token_efficiency
+from rho1.experiments import demo_data
 from rho1.model import load_model
 from rho1.score import ScoreConfig, score
 from rho1.train import TrainConfig, train
 
-MATH_TEMPLATE = "Question: {question}\nAnswer: {answer}"
+MATH_TEMPLATE = QA_TEMPLATE
+RUNS = {"clm": dict(objective="clm"), "slm": dict(objective="slm", score="excess"),
+        "random": dict(objective="slm", score="random")}
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
@@ -45,116 +48,122 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     return compare(files, cfg, progress, {"data": round(time.time() - start, 2)})
 
 
+class StageTimer:
+    """``with timer("score"):`` prints the stage's name and keeps its seconds."""
+
+    def __init__(self, progress: bool, seconds: dict | None = None):
+        self.progress, self.seconds = progress, dict(seconds or {})
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.progress:
+            print(f"\n== {name} ==")
+        start = time.time()
+        yield
+        self.seconds[name] = round(time.time() - start, 2)
+
+
+def _prepare_stores(files: dict[str, Path], cfg: DemoConfig, stores: Path, progress: bool) -> dict:
+    """A BPE trained on the web corpus, and every file tokenized with it."""
+    web = prepare(PrepareConfig([str(files["web"])], str(stores / "web"), train_tokenizer=cfg.vocab_size,
+                                text_field="text"), progress)
+    math_kw = dict(tokenizer=str(web.path), template=MATH_TEMPLATE, target_field="answer")
+    return {"web": web,
+            "reference": prepare(PrepareConfig([str(files["reference"])], str(stores / "reference"), **math_kw),
+                                 progress),
+            "heldout": prepare(PrepareConfig([str(files["heldout"])], str(stores / "heldout"), **math_kw), progress),
+            "offtarget": prepare(PrepareConfig([str(files["offtarget"])], str(stores / "offtarget"),
+                                               tokenizer=str(web.path), text_field="text"), progress)}
+
+
+def _train_runs(common: TrainConfig, stores: dict, scores: dict, cfg: DemoConfig, out: Path, timer: StageTimer,
+                progress: bool) -> dict:
+    """CLM, SLM and the random control from the same start on the same web tokens; their summaries."""
+    step_tokens = cfg.batch_size * cfg.seq_len
+    eval_every = max(step_tokens, (cfg.train_tokens // cfg.eval_points) // step_tokens * step_tokens)
+    save_every = max(step_tokens, (cfg.train_tokens // 6) // step_tokens * step_tokens)  # checkpoints for dynamics
+    summaries = {}
+    for name, overrides in RUNS.items():
+        with timer(f"train {name}"):
+            summaries[name] = train(replace(
+                common, data=str(stores["web"].path), out=str(out / name), scores=str(scores["web"].path),
+                max_tokens=cfg.train_tokens, eval_every=eval_every, eval_data=[str(stores["heldout"].path),
+                                                                               str(stores["offtarget"].path)],
+                eval_scores=[str(scores["heldout"].path), ""], save_every=save_every, keep_last=0, **overrides),
+                progress)
+    return summaries
+
+
+def _accuracy(files: dict[str, Path], cfg: DemoConfig, out: Path) -> dict:
+    answers = AnswerConfig(str(files["heldout"]), shots=2, exemplars=str(files["reference"]),
+                           limit=cfg.accuracy_problems, max_new_tokens=96, batch_size=32)
+    return {name: answer_accuracy(load_model(str(out / name / "final")), load_tokenizer(out / name / "final"),
+                                  replace(answers, out=str(out / name / "answers.jsonl")), progress=False)
+            for name in RUNS}
+
+
 def compare(files: dict[str, Path], cfg: DemoConfig, progress: bool = True, seconds: dict | None = None) -> dict:
     """Every stage on four files: ``web`` (jsonl, ``text``: the corpus to train on), ``reference`` and
     ``heldout`` (jsonl, ``question``/``answer``: clean target-domain data and its held-out test), and
     ``offtarget`` (jsonl, ``text``: held-out text outside the target domain). Writes summary.json."""
     out = Path(cfg.out)
-    seconds = dict(seconds or {})
-    for stale in ("stores", "base", "reference", "scores", "clm", "slm", "random"):  # a demo starts over
+    timer = StageTimer(progress, seconds)
+    for stale in ("stores", "base", "reference", "scores", *RUNS):  # a demo starts over
         shutil.rmtree(out / stale, ignore_errors=True)
-
-    def stage(name):
-        if progress:
-            print(f"\n== {name} ==")
-        seconds[name] = time.time()
-
-    def done(name):
-        seconds[name] = round(time.time() - seconds[name], 2)
-
-    stage("prepare")
-    stores = out / "stores"
-    corpus = prepare(PrepareConfig([str(files["web"])], str(stores / "web"), train_tokenizer=cfg.vocab_size,
-                                   text_field="text"), progress)
-    math_kw = dict(tokenizer=str(corpus.path), template=MATH_TEMPLATE, target_field="answer")
-    reference = prepare(PrepareConfig([str(files["reference"])], str(stores / "reference"), **math_kw), progress)
-    heldout = prepare(PrepareConfig([str(files["heldout"])], str(stores / "heldout"), **math_kw), progress)
-    offtarget = prepare(PrepareConfig([str(files["offtarget"])], str(stores / "offtarget"),
-                                      tokenizer=str(corpus.path), text_field="text"), progress)
-    done("prepare")
-
+    with timer("prepare"):
+        stores = _prepare_stores(files, cfg, out / "stores", progress)
     common = TrainConfig(model_preset=cfg.model_preset, seq_len=cfg.seq_len, batch_size=cfg.batch_size, lr=cfg.lr,
-                       seed=cfg.seed, ratio=cfg.ratio, log_every=5)
-    step_tokens = cfg.batch_size * cfg.seq_len
-
+                         seed=cfg.seed, ratio=cfg.ratio, log_every=5)
     if cfg.base_tokens:
         # As in the paper's main experiments: the reference and the trained models share a base model.
-        stage("base")
-        train(replace(common, data=str(corpus.path), out=str(out / "base"), max_tokens=cfg.base_tokens,
-                      seed=cfg.seed + 1), progress)  # another data order than the runs that continue from it
-        done("base")
+        with timer("base"):  # another data order than the runs that continue from it
+            train(replace(common, data=str(stores["web"].path), out=str(out / "base"), max_tokens=cfg.base_tokens,
+                          seed=cfg.seed + 1), progress)
         common = replace(common, model=str(out / "base" / "final"))
-
-    stage("reference")
-    ref_run = out / "reference"
-    train(replace(common, data=str(reference.path), out=str(ref_run), max_tokens=cfg.reference_tokens,
-                  eval_data=[str(heldout.path)]), progress)
-    done("reference")
-
-    stage("score")
-    ref_model = str(ref_run / "final")
-    corpus_scores = score(ScoreConfig(str(corpus.path), ref_model, str(out / "scores" / "web"), cfg.seq_len), progress)
-    heldout_scores = score(ScoreConfig(str(heldout.path), ref_model, str(out / "scores" / "heldout"), cfg.seq_len),
-                           progress)
-    done("score")
-
-    eval_every = max(step_tokens, (cfg.train_tokens // cfg.eval_points) // step_tokens * step_tokens)
-    save_every = max(step_tokens, (cfg.train_tokens // 6) // step_tokens * step_tokens)  # checkpoints for dynamics
-    runs = {"clm": dict(objective="clm"), "slm": dict(objective="slm", score="excess"),
-            "random": dict(objective="slm", score="random")}
-    summaries = {}
-    for name, overrides in runs.items():
-        stage(f"train {name}")
-        summaries[name] = train(replace(common, data=str(corpus.path), out=str(out / name), scores=str(corpus_scores.path),
-                                        max_tokens=cfg.train_tokens, eval_every=eval_every,
-                                        eval_data=[str(heldout.path), str(offtarget.path)],
-                                        eval_scores=[str(heldout_scores.path), ""], save_every=save_every,
-                                        keep_last=0, **overrides), progress)
-        done(f"train {name}")
-
+    with timer("reference"):
+        train(replace(common, data=str(stores["reference"].path), out=str(out / "reference"),
+                      max_tokens=cfg.reference_tokens, eval_data=[str(stores["heldout"].path)]), progress)
+    with timer("score"):
+        ref_model = str(out / "reference" / "final")
+        scores = {name: score(ScoreConfig(str(stores[name].path), ref_model, str(out / "scores" / name), cfg.seq_len),
+                              progress) for name in ("web", "heldout")}
+    summaries = _train_runs(common, stores, scores, cfg, out, timer, progress)
     accuracy = {}
     if cfg.accuracy_problems:
-        stage("accuracy")
-        answers = AnswerConfig(str(files["heldout"]), shots=2, exemplars=str(files["reference"]),
-                               limit=cfg.accuracy_problems, max_new_tokens=96, batch_size=32)
-        for name in runs:
-            final = out / name / "final"
-            accuracy[name] = answer_accuracy(load_model(str(final)), load_tokenizer(final),
-                                             replace(answers, out=str(out / name / "answers.jsonl")), progress=False)
-        done("accuracy")
+        with timer("accuracy"):
+            accuracy = _accuracy(files, cfg, out)
+    summary = _summary(cfg, out, stores, scores, summaries, accuracy)
+    with timer("report"):
+        summary["report"] = write_report(out, stores["heldout"].path, stores["web"].path, scores["web"].path, cfg,
+                                         progress)
+    summary["stage_seconds"] = timer.seconds
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if progress:
+        print_table(summary, out)
+    return summary
 
+
+def _summary(cfg: DemoConfig, out: Path, stores: dict, scores: dict, summaries: dict, accuracy: dict) -> dict:
     target_key, off_key = "eval/heldout/target_loss", "eval/offtarget/loss"
-    curves = {name: read_curve(out / name / "metrics.jsonl", target_key) for name in runs}
+    curves = {name: read_curve(out / name / "metrics.jsonl", target_key) for name in RUNS}
     slm_eff, slm_reached = token_efficiency(curves["clm"], curves["slm"])
     rnd_eff, rnd_reached = token_efficiency(curves["clm"], curves["random"])
-    summary = {
-        "seed": cfg.seed,
-        "tokens_trained": summaries["clm"]["tokens"],
-        "ratio": cfg.ratio,
-        "token_efficiency": slm_eff,
-        "slm_reached_clm_loss": slm_reached,
-        "random_token_efficiency": rnd_eff,
-        "random_reached_clm_loss": rnd_reached,
+    web = stores["web"].manifest
+    return {
+        "seed": cfg.seed, "tokens_trained": summaries["clm"]["tokens"], "ratio": cfg.ratio,
+        "token_efficiency": slm_eff, "slm_reached_clm_loss": slm_reached,
+        "random_token_efficiency": rnd_eff, "random_reached_clm_loss": rnd_reached,
         "final_target_loss": {name: s[target_key] for name, s in summaries.items()},
         "final_offtarget_loss": {name: s[off_key] for name, s in summaries.items()},
         "answer_accuracy": {name: a["accuracy"] for name, a in accuracy.items()},
         "gold_solution_loss": {name: a["gold_loss"] for name, a in accuracy.items()},
         "final_heldout_selected_loss": {name: s.get("eval/heldout/selected_loss") for name, s in summaries.items()},
         "final_heldout_unselected_loss": {name: s.get("eval/heldout/unselected_loss") for name, s in summaries.items()},
-        "tokens_per_second": {"prepare": corpus.manifest["n_tokens"] / max(corpus.manifest["seconds"], 1e-9),
-                              "score": corpus_scores.manifest["tokens_per_second"],
+        "tokens_per_second": {"prepare": web["n_tokens"] / max(web["seconds"], 1e-9),
+                              "score": scores["web"].manifest["tokens_per_second"],
                               **{f"train {n}": s["tokens_per_second"] for n, s in summaries.items()}},
-        "stage_seconds": seconds,
         "config": cfg.__dict__,
     }
-    stage("report")
-    summary["report"] = write_report(out, heldout.path, corpus.path, corpus_scores.path, cfg, progress)
-    done("report")
-    summary["stage_seconds"] = seconds
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    if progress:
-        print_table(summary, out)
-    return summary
 
 
 def write_report(out: Path, heldout: Path, corpus: Path, corpus_scores: Path, cfg: DemoConfig,
@@ -176,10 +185,6 @@ def write_report(out: Path, heldout: Path, corpus: Path, corpus_scores: Path, cf
     return result["path"]
 
 
-def _fmt_eff(value: float, reached: bool) -> str:
-    return f"{value:.2f}x" if reached else f"< {value:.2f}x (never reached CLM's loss)"
-
-
 def print_table(summary: dict, out: Path) -> None:
     acc = summary.get("answer_accuracy") or {}
     fmt_acc = lambda name: f"{acc[name]:.0%}" if name in acc else "-"  # noqa: E731
@@ -188,10 +193,10 @@ def print_table(summary: dict, out: Path) -> None:
                  fmt_acc("clm"), "1.00x"))
     rows.append((f"SLM (top {summary['ratio']:.0%} by excess loss)", summary["final_target_loss"]["slm"],
                  summary["final_offtarget_loss"]["slm"], fmt_acc("slm"),
-                 _fmt_eff(summary["token_efficiency"], summary["slm_reached_clm_loss"])))
+                 format_efficiency(summary["token_efficiency"], summary["slm_reached_clm_loss"])))
     rows.append((f"random {summary['ratio']:.0%} (control)", summary["final_target_loss"]["random"],
                  summary["final_offtarget_loss"]["random"], fmt_acc("random"),
-                 _fmt_eff(summary["random_token_efficiency"], summary["random_reached_clm_loss"])))
+                 format_efficiency(summary["random_token_efficiency"], summary["random_reached_clm_loss"])))
     print(f"\nrho1 demo: {summary['tokens_trained']:,} tokens per run; target = loss on held-out answer tokens; "
           f"accuracy = 2-shot greedy exact match on {summary['config']['accuracy_problems']} held-out problems")
     widths = [max(len(r[i] if isinstance(r[i], str) else f"{r[i]:.4f}") for r in rows) for i in range(5)]

@@ -141,8 +141,8 @@ def test_lm_eval_reads_a_rho1_checkpoint(reference_model, data_dir, tmp_path):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from rho1.accuracy import extract_answer
     from rho1.data.tokenizer import load_tokenizer
+    from rho1.eval.accuracy import extract_answer
 
     rows = []
     for line in data_dir["heldout"].read_text().splitlines()[:12]:

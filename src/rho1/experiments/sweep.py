@@ -14,12 +14,13 @@ from pathlib import Path
 
 from markupsafe import escape
 
-from rho1.accuracy import AnswerConfig, answer_accuracy
+from rho1.analysis.html import render_page
 from rho1.analysis.plots import figure, to_data_uri
-from rho1.analysis.viewer import render_page
 from rho1.config import SweepConfig
 from rho1.data.store import check_writable
 from rho1.data.tokenizer import load_tokenizer
+from rho1.eval.accuracy import AnswerConfig, answer_accuracy
+from rho1.eval.curves import target_key
 from rho1.model import load_model
 from rho1.train import TrainConfig, checkpoints, train
 
@@ -82,9 +83,7 @@ def sweep(cfg: SweepConfig, progress: bool = True) -> dict:
             summary["answer_accuracy"] = acc["accuracy"]
             done.write_text(json.dumps(summary, indent=2))
         results[name] = {"ratio": train_cfg.ratio, "score": train_cfg.score, **summary}
-    target = cfg.target or next(
-        (k for suffix in ("/target_loss", "/loss") for k in next(iter(results.values())) if k.startswith("eval/")
-         and k.endswith(suffix)), None)
+    target = cfg.target or target_key(next(iter(results.values())))
     table = [(name, r["ratio"], r["score"], r.get(target), r.get("answer_accuracy")) for name, r in results.items()]
     uris = [_ratio_plot(results, target, "Target loss against the selection ratio", out / "sweep.png")]
     if cfg.answers:

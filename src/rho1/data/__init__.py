@@ -1,0 +1,1 @@
+"""Data: text sources, tokenizers, the TokenStore and ScoreStore, and batches of windows."""

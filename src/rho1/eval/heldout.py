@@ -1,0 +1,83 @@
+"""Held-out losses: on all tokens, on target tokens, and on the tokens selection keeps or drops."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from rho1.config import EvalConfig
+from rho1.data.store import TokenStore
+from rho1.head import linear_head_of, token_losses
+from rho1.selection import num_selected, select_top
+
+
+def fixed_selection(losses: np.ndarray, ref: np.ndarray, ratio: float) -> np.ndarray:
+    """The held-out tokens with the top ``ratio`` excess loss, ranked over the whole held-out set at once."""
+    valid = np.isfinite(losses) & np.isfinite(ref)
+    scores = torch.from_numpy(np.nan_to_num(losses) - np.nan_to_num(ref))
+    k = num_selected(int(valid.sum()), ratio)
+    return select_top(scores, torch.from_numpy(valid), k).numpy()
+
+
+def _mean(values: np.ndarray, where: np.ndarray) -> float:
+    where = where & np.isfinite(values)
+    return float(values[where].mean()) if where.any() else math.nan
+
+
+def summarize(losses: np.ndarray, store: TokenStore, ref: np.ndarray | None = None,
+              selected: np.ndarray | None = None) -> dict:
+    """Mean loss on all evaluated tokens, on target tokens, and on selected / unselected tokens.
+    ``ref``: the reference model's per-token losses of the store (e.g. a ScoreStore's scores)."""
+    evaluated = np.isfinite(losses)
+    metrics = {"loss": _mean(losses, evaluated), "tokens": int(evaluated.sum())}
+    if store.target_mask is not None:
+        metrics["target_loss"] = _mean(losses, evaluated & (np.asarray(store.target_mask) > 0))
+    if ref is not None:
+        ref = np.asarray(ref, dtype=np.float32)
+        metrics["ref_loss"] = _mean(ref, evaluated)
+        if selected is not None:
+            metrics["selected_loss"] = _mean(losses, evaluated & selected)
+            metrics["unselected_loss"] = _mean(losses, evaluated & ~selected & np.isfinite(ref))
+    return metrics
+
+
+def evaluate_model(cfg: EvalConfig, progress: bool = True) -> dict:
+    """`rho1 eval`: held-out losses of one model on each store (all / target / selected / unselected tokens,
+    the split being the top ``ratio`` by excess loss of this model), and few-shot answer accuracy."""
+    from pathlib import Path
+
+    from rho1.data.store import ScoreStore, check_writable
+    from rho1.data.tokenizer import load_tokenizer
+    from rho1.model import check_model_fits, load_model
+
+    cfg.check()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    stores = [TokenStore.open(p).verify() for p in cfg.data]
+    scores = [ScoreStore.open(s, st).verify() if s else None for s, st in zip(cfg.scores or [""] * len(stores), stores)]
+    seq_len = cfg.seq_len or next((s.seq_len for s in scores if s is not None), 256)
+    for s in scores:
+        if s is not None and s.seq_len != seq_len:
+            raise ValueError(f"scores {s.path} use windows of {s.seq_len} tokens but --seq-len is {seq_len}; "
+                             f"pass --seq-len {s.seq_len}" + ("" if cfg.seq_len else " and evaluate each store alone"))
+    if cfg.generations:
+        check_writable(cfg.generations, "--generations", folder=False)
+    model = load_model(cfg.model, cfg.trust_remote_code)
+    results = {}
+    if cfg.answers:
+        from rho1.config import AnswerConfig
+        from rho1.eval.accuracy import answer_accuracy
+
+        answers = AnswerConfig(cfg.answers, cfg.shots, cfg.exemplars, cfg.limit, cfg.max_new_tokens, cfg.batch_size,
+                               cfg.generations)
+        results["answers"] = answer_accuracy(model, load_tokenizer(cfg.model, cfg.trust_remote_code), answers)
+    for store, score_store in zip(stores, scores):
+        check_model_fits(model, store, cfg.model)
+        losses = token_losses(model, store, seq_len, cfg.batch_size, progress=progress, desc=store.path.name,
+                              head_of=linear_head_of(model, store, seq_len))
+        ref = None if score_store is None else np.asarray(score_store.scores, np.float32)
+        selected = None if ref is None else fixed_selection(losses, ref, cfg.ratio)
+        results[Path(store.path).name] = summarize(losses, store, ref, selected)
+    return results

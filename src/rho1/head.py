@@ -1,0 +1,115 @@
+"""The LM head, in one place: whether a model's logits are a plain linear head (then losses are computed
+from its input in chunks, without the ``[tokens x vocab]`` logits), the hidden states, and per-token
+losses of a model over a batch or a whole TokenStore."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+from rho1.data.loader import IGNORE_INDEX, make_batch
+from rho1.data.store import TokenStore
+from rho1.progress import progress_bar
+from rho1.selection import chunked_cross_entropy, token_cross_entropy
+
+
+@contextlib.contextmanager
+def without_head(model):
+    """Inside, ``model(...).logits`` are the LM head's input (the final hidden states) and the head weight is
+    yielded, so the loss can be computed from them without the ``[tokens x vocab]`` logits."""
+    head = model.get_output_embeddings()
+    model.set_output_embeddings(torch.nn.Identity())
+    try:
+        yield head.weight
+    finally:
+        model.set_output_embeddings(head)
+
+
+@torch.no_grad()
+def head_is_linear(model, input_ids: torch.Tensor) -> bool:
+    """True when the model's logits are exactly ``hidden @ head.weight.T`` (no bias, soft-capping or
+    scaling after the head), checked on real input against the model's own forward."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        return False
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=input_ids).logits.float()
+        with without_head(model) as weight:
+            hidden = model(input_ids=input_ids).logits
+        if hidden.shape[-1] != weight.shape[1]:
+            return False
+        return torch.allclose((hidden @ weight.T).float(), logits, rtol=1e-3, atol=1e-3)
+    finally:
+        model.train(was_training)
+
+
+def linear_head_of(model, store: TokenStore, seq_len: int):
+    """``model`` when its logits are a plain linear head (checked on the store's first tokens), else None:
+    what ``head_of`` takes below."""
+    device = next(model.parameters()).device
+    sample = make_batch(store, np.arange(1), seq_len).input_ids[:, :32].to(device)
+    return model if head_is_linear(model, sample) else None
+
+
+def batch_token_losses(model, input_ids, labels, autocast=contextlib.nullcontext, head_of=None, dtype=None):
+    """Per-token losses of one batch (float32, shaped like ``labels``), no gradient.
+
+    ``head_of``: the (unwrapped) model, when its logits are a plain linear head (``rho1.model.head_is_linear``):
+    the losses are then computed from the head's input in chunks, without the ``[tokens x vocab]`` logits
+    (faster and smaller). ``dtype``: the head's compute dtype in that case (bf16/fp16 under mixed precision).
+    """
+    with torch.no_grad():
+        if head_of is None:
+            with autocast():
+                logits = model(input_ids=input_ids, use_cache=False).logits
+            return token_cross_entropy(logits, labels)
+        with without_head(head_of) as weight, autocast():
+            hidden = model(input_ids=input_ids, use_cache=False).logits
+        hidden = hidden.reshape(-1, hidden.shape[-1]).to(dtype or weight.dtype)
+        return chunked_cross_entropy(hidden, weight.to(hidden.dtype), labels.reshape(-1))[0].view_as(labels)
+
+
+@torch.inference_mode()
+def token_losses(model, store: TokenStore, seq_len: int, batch_size: int = 16, windows=None,
+                 autocast=contextlib.nullcontext, progress: bool = False, desc: str = "loss", head_of=None,
+                 dtype=None) -> np.ndarray:
+    """Per-token loss of ``model`` over the store's windows: ``out[i]`` = loss of token i given its window.
+
+    NaN where a token has no prediction (the first token of each window) or its window was not evaluated.
+    ``head_of`` and ``dtype`` as in ``batch_token_losses``.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    windows = np.arange(store.num_windows(seq_len)) if windows is None else np.asarray(windows)
+    out = np.full(store.n_tokens, np.nan, dtype=np.float32)
+    bar = progress_bar(total=len(windows) * seq_len, desc=desc, unit="tok", unit_scale=True, disable=not progress)
+    for i in range(0, len(windows), batch_size):
+        batch = make_batch(store, windows[i : i + batch_size], seq_len).to(device)
+        losses = batch_token_losses(model, batch.input_ids, batch.labels, autocast, head_of, dtype)
+        keep = batch.positions >= 0
+        out[batch.positions[keep].cpu().numpy()] = losses[keep].float().cpu().numpy()
+        bar.update(int(batch.input_ids.numel()))
+    bar.close()
+    model.train(was_training)
+    return out
+
+
+def reference_token_losses(model, input_ids, labels, head_of=None, autocast=contextlib.nullcontext, dtype=None):
+    """A reference model's loss of each label, as a ScoreStore holds it: NaN where there is no label,
+    rounded to float16 like stored scores, so a reference run in the loop selects exactly what stored
+    scores select."""
+    losses = batch_token_losses(model, input_ids, labels, autocast, head_of, dtype)
+    return torch.where(labels != IGNORE_INDEX, losses.half().float(), torch.nan)
+
+
+def head_is_whole(accelerator) -> bool:
+    """The head weight is whole on every process (one process, DDP); FSDP and DeepSpeed shard it outside
+    the forward, so they keep the full-logits path."""
+    from accelerate import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)

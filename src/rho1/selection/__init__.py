@@ -1,0 +1,32 @@
+"""Token selection and the selective language modeling (SLM) loss. Pure torch, no I/O.
+
+    scores.py     registry of score functions (register_score); imports no torch
+    loss.py       Selection, selective_loss, select_from_token_loss: top-k by score, the loss of the kept tokens
+    linear_ce.py  the same from the LM head's input, in chunks, without the [tokens x vocab] logits
+
+Everything is importable from here. The names from loss.py and linear_ce.py load torch on first use, so
+``rho1.selection.scores`` (and the CLI that lists its names) stays light.
+"""
+
+from rho1.selection.scores import SCORES, ScoreFunction, check_score, get_score, register_score
+
+_HEAVY = {
+    "loss": ("Selection", "check_inputs", "num_selected", "select_from_token_loss", "select_top", "selection_stats",
+             "selective_loss", "token_cross_entropy", "valid_mask"),
+    "linear_ce": ("chunked_cross_entropy", "default_chunk_size", "grad_chunk_size", "selective_linear_cross_entropy"),
+}
+__all__ = ["SCORES", "ScoreFunction", "check_score", "get_score", "register_score", "check_ratio",
+           *(name for names in _HEAVY.values() for name in names)]
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name == "check_ratio":
+        from rho1.config import check_ratio
+
+        return check_ratio
+    for module, names in _HEAVY.items():
+        if name in names:
+            return getattr(importlib.import_module(f"rho1.selection.{module}"), name)
+    raise AttributeError(f"module 'rho1.selection' has no attribute {name!r}")

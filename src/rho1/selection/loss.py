@@ -1,0 +1,162 @@
+"""The selective language modeling (SLM) loss from per-token losses.
+
+The paper's loss (Rho-1, eq. 2): rank the tokens of a batch by excess loss
+``L_theta(x_i) - L_ref(x_i)`` (or another registered score), keep the top ``ratio`` of them, and take
+the mean cross-entropy over the kept tokens. Every other token is still fed forward, it just
+contributes no loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from rho1.config import check_ratio
+from rho1.selection.scores import get_score
+
+
+def num_selected(n_valid: int, ratio: float) -> int:
+    """How many of ``n_valid`` tokens a selection keeps: round(ratio * n_valid), at least 1."""
+    if n_valid <= 0:
+        return 0
+    return min(n_valid, max(1, round(check_ratio(ratio) * n_valid)))
+
+
+def valid_mask(labels: torch.Tensor, ref_loss: torch.Tensor | None, ignore_index: int = -100) -> torch.Tensor:
+    """Tokens that can be selected: a real label and, when references are given, a finite reference loss."""
+    valid = labels != ignore_index
+    if ref_loss is not None:
+        valid = valid & torch.isfinite(ref_loss)
+    return valid
+
+
+def select_top(scores: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` highest-scoring valid positions.
+
+    Deterministic: ties keep the earlier position (in flattened order) first.
+    """
+    flat_scores = scores.detach().reshape(-1).float()
+    flat_valid = valid.reshape(-1)
+    mask = torch.zeros_like(flat_valid)
+    if k <= 0:
+        return mask.view_as(valid)
+    candidates = flat_valid.nonzero(as_tuple=True)[0]
+    order = torch.sort(flat_scores[candidates], descending=True, stable=True).indices
+    mask[candidates[order[:k]]] = True
+    return mask.view_as(valid)
+
+
+@dataclass
+class Selection:
+    """What ``selective_loss`` returns.
+
+    ``loss``: mean cross-entropy over the selected tokens (differentiable).
+    ``loss_sum``: the same sum before dividing, for normalising over several micro-batches.
+    ``mask``: bool, the selected tokens. ``token_loss``: per-token cross-entropy (detached).
+    ``stats``: plain floats for logging.
+    """
+
+    loss: torch.Tensor
+    loss_sum: torch.Tensor
+    mask: torch.Tensor
+    n_selected: int
+    n_valid: int
+    token_loss: torch.Tensor
+    stats: dict = field(default_factory=dict)
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Per-token cross-entropy in float32, shaped like ``labels`` (0 where ignored)."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=ignore_index, reduction="none"
+    ).view_as(labels)
+
+
+def selection_stats(token_loss, ref_loss, mask, valid) -> dict:
+    """Fraction selected and mean learner / reference / excess loss on selected and unselected tokens."""
+    token_loss = token_loss.detach().float()
+    unselected = valid & ~mask
+    n_valid = int(valid.sum())
+    stats = {"frac_selected": float(mask.sum()) / n_valid if n_valid else 0.0}
+    for name, part in (("selected", mask), ("unselected", unselected)):
+        n = int(part.sum())
+        stats[f"learner_loss_{name}"] = float(token_loss[part].mean()) if n else float("nan")
+        if ref_loss is not None:
+            ref = ref_loss.detach().float()[part]
+            stats[f"ref_loss_{name}"] = float(ref.mean()) if n else float("nan")
+            stats[f"excess_loss_{name}"] = float((token_loss[part] - ref).mean()) if n else float("nan")
+    return stats
+
+
+def check_inputs(ratio: float, score: str, ref_loss: torch.Tensor | None, labels: torch.Tensor) -> float:
+    """The checks every selective loss makes before any work; returns the ratio as a float."""
+    ratio = check_ratio(ratio)
+    if ref_loss is None and get_score(score).needs_reference:
+        raise ValueError(f"score {score!r} needs reference losses; pass ref_loss or use score='learner'/'random'")
+    if ref_loss is not None and ref_loss.shape != labels.shape:
+        raise ValueError(f"ref_loss has shape {tuple(ref_loss.shape)} but labels have {tuple(labels.shape)}")
+    return ratio
+
+
+def selective_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ref_loss: torch.Tensor | None,
+    ratio: float = 0.6,
+    score: str = "excess",
+    ignore_index: int = -100,
+    generator: torch.Generator | None = None,
+) -> Selection:
+    """The SLM loss of one batch.
+
+    ``logits[b, t]`` predicts ``labels[b, t]`` (already shifted) and ``ref_loss[b, t]`` is the reference
+    model's loss on that same label. Positions whose label is ``ignore_index`` or whose reference is NaN
+    are never selected and never counted. Exactly ``round(ratio * n_valid)`` tokens are kept (at least
+    one). ``ratio=1.0`` keeps every valid token, which is the ordinary causal LM loss.
+    """
+    ratio = check_inputs(ratio, score, ref_loss, labels)
+    token_loss = token_cross_entropy(logits, labels, ignore_index)
+    return select_from_token_loss(token_loss, labels, ref_loss, ratio, score, ignore_index, generator)
+
+
+def select_from_token_loss(
+    token_loss: torch.Tensor,
+    labels: torch.Tensor,
+    ref_loss: torch.Tensor | None,
+    ratio: float = 0.6,
+    score: str = "excess",
+    ignore_index: int = -100,
+    generator: torch.Generator | None = None,
+    gather=None,
+    rank: int = 0,
+) -> Selection:
+    """``selective_loss`` for per-token losses computed elsewhere (``token_loss`` keeps its graph).
+
+    Global scope: with ``gather`` (a function concatenating a tensor from every process along dim 0, in
+    rank order, e.g. ``accelerator.gather``) the top ``ratio`` is taken over all processes' tokens at once,
+    exactly as one process would on the concatenated batch; this process keeps its own rows, and
+    ``loss`` is its selected-token sum divided by the global count (the per-process losses add up to
+    the global mean).
+    """
+    valid = valid_mask(labels, ref_loss, ignore_index)
+    all_valid = valid if gather is None else gather(valid.to(torch.uint8)).bool()
+    n_valid = int(all_valid.sum())
+    k = num_selected(n_valid, ratio)
+    if k == n_valid:
+        mask = valid
+    else:
+        learner = token_loss.detach().float()
+        reference = ref_loss.float() if ref_loss is not None else None
+        if gather is not None:  # every process scores the whole gathered batch, as one process would
+            learner = gather(learner.contiguous())
+            reference = None if reference is None else gather(reference.contiguous())
+        mask = select_top(get_score(score).fn(learner, reference, generator), all_valid, k)
+        if gather is not None:
+            rows = labels.shape[0]
+            mask = mask[rank * rows : (rank + 1) * rows]
+    loss_sum = torch.where(mask, token_loss, torch.zeros_like(token_loss)).sum()
+    loss = loss_sum / max(k, 1)
+    stats = selection_stats(token_loss, ref_loss, mask, valid)
+    return Selection(loss, loss_sum, mask, k, n_valid, token_loss.detach(), stats)

@@ -1,0 +1,131 @@
+"""A run's checkpoints: the layout, saving (atomic, pruned to --keep-last), resuming (hashes checked).
+
+    RUN/checkpoints/<tokens>/   a Hugging Face folder (safetensors + tokenizer), state/ (accelerate:
+                                optimizer, RNG, scaler) and rho1_state.json (position, weight hashes)
+    RUN/final/                  the last weights, a Hugging Face folder
+
+A checkpoint is written beside its final name (``<tokens>.partial``) and renamed into place, so a kill
+or a full disk leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+from safetensors import SafetensorError
+
+from rho1.data.store import check_writable, sha256_file, verify_files
+from rho1.model import save_checkpoint
+
+STATE_FILE = "rho1_state.json"
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Complete resumable checkpoints of a run, oldest first."""
+    root = Path(out) / "checkpoints"
+    found = [p for p in root.iterdir() if p.name.isdigit() and (p / STATE_FILE).is_file()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = checkpoints(out)
+    return found[-1] if found else None
+
+
+def read_training_state(path: Path) -> dict:
+    """Our position in a checkpoint, after checking its weights against the hashes written with it."""
+    state = json.loads((path / STATE_FILE).read_text())
+    verify_files(path, state, "checkpoint", f"delete {path} to resume from the checkpoint before it")
+    return state
+
+
+def check_run_folder(out: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None: start), after refusing an --out that would mix two runs."""
+    check_writable(out)
+    if resume:
+        return latest_checkpoint(out)
+    if (out / "final").exists() or checkpoints(out):
+        raise ValueError(f"{out} already holds a training run; pass --resume to continue it, or another --out "
+                         "(or delete it) to start over")
+    if out.is_dir() and not (out / "config.yaml").is_file() and any(out.iterdir()):
+        raise ValueError(f"--out {out} is a folder that holds other files; choose a new or empty folder")
+    return None
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written; the message says what happened and what is intact."""
+
+
+def checkpoint_error(path: Path, err: BaseException, previous: Path | None) -> CheckpointError:
+    text = " ".join(str(err).split())
+    free = shutil.disk_usage(path.parent if path.parent.exists() else path.parent.parent).free
+    # torch reports a short write as "unexpected pos" or "file write failed", safetensors as StorageFull
+    full = getattr(err, "errno", None) == errno.ENOSPC or free < (16 << 20) or any(
+        s in text for s in ("No space left", "StorageFull", "file write failed"))
+    what = f"the disk is full: {free / 2**20:.1f} MiB free" if full else f"{type(err).__name__}: {text[:200]}"
+    fix = "free space" if full else "fix that"
+    return CheckpointError(f"could not write checkpoint {path} ({what}); " + (
+        f"the previous checkpoint {previous} is intact: {fix} and rerun with --resume" if previous
+        else f"no earlier checkpoint exists: {fix} and run again"))
+
+
+def drop_tied_duplicates(models, weights, output_dir) -> None:
+    """accelerate's save_state pre-hook: keep one name of each tied tensor (lm_head.weight is the input
+    embedding in a tied model), as transformers saves them, instead of accelerate removing it with a
+    warning; loading re-ties them."""
+    for state in weights:
+        seen = set()
+        for name in list(state):
+            tensor = state[name]
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+            if key in seen:
+                del state[name]
+            seen.add(key)
+
+
+class Checkpointer:
+    """Saves and restores one run's checkpoints with accelerate (every process calls every method)."""
+
+    def __init__(self, out: Path, accelerator, tokenizer, keep_last: int):
+        self.out, self.accelerator, self.tokenizer, self.keep_last = Path(out), accelerator, tokenizer, keep_last
+        accelerator.register_save_state_pre_hook(drop_tied_duplicates)
+
+    def resume(self, path: Path) -> dict:
+        state = read_training_state(path)
+        self.accelerator.load_state(str(path / "state"))
+        return state
+
+    def save_final(self, model, info: dict) -> None:
+        self.accelerator.wait_for_everyone()
+        state_dict = self.accelerator.get_state_dict(model)  # a collective under FSDP/DeepSpeed
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.accelerator.unwrap_model(model), self.tokenizer, self.out / "final", info, state_dict)
+
+    def save(self, model, position: dict) -> None:
+        """A resumable checkpoint at ``position["tokens"]``, then the oldest beyond --keep-last go."""
+        acc = self.accelerator
+        path = self.out / "checkpoints" / str(position["tokens"])
+        tmp = path.with_name(path.name + ".partial")
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        try:
+            acc.save_state(str(tmp / "state"))
+            state_dict = acc.get_state_dict(model)
+            if acc.is_main_process:
+                save_checkpoint(acc.unwrap_model(model), self.tokenizer, tmp, state_dict=state_dict)
+                files = {f.name: sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))}
+                (tmp / STATE_FILE).write_text(json.dumps({**position, "sha256": files}, indent=2))
+        except (OSError, RuntimeError, SafetensorError) as err:  # torch and safetensors wrap I/O errors
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise checkpoint_error(path, err, latest_checkpoint(self.out)) from err
+        if acc.is_main_process:
+            os.replace(tmp, path)
+            for old in checkpoints(self.out)[: -self.keep_last] if self.keep_last > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()

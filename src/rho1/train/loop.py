@@ -1,0 +1,437 @@
+"""`rho1 train`: one loop for reference, CLM and SLM training, on accelerate.
+
+Reads top to bottom: ``setup`` builds what a run needs (data, model, optimizer, evaluator, checkpoints),
+``fit`` runs the optimizer steps (log, evaluate, save), and ``train_step`` is one optimizer step: take
+the next windows of the seeded order, forward each micro-batch, keep the selected tokens' loss sum,
+backward, then scale the gradients by the number of tokens selected over the whole step and every
+process (known only after the forward, so any selection rule works), clip, update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+
+from rho1.accel import compute_dtype, make_accelerator
+from rho1.config import Interrupted, TrainConfig
+from rho1.data.loader import WindowOrder, make_batch
+from rho1.data.store import ScoreStore, TokenStore
+from rho1.head import head_is_whole, linear_head_of, reference_token_losses, without_head
+from rho1.model import build_model, check_model_fits, load_model
+from rho1.progress import progress_bar
+from rho1.selection import (
+    Selection,
+    select_from_token_loss,
+    selective_linear_cross_entropy,
+    token_cross_entropy,
+    valid_mask,
+)
+from rho1.train.checkpoint import Checkpointer, check_run_folder, latest_checkpoint
+from rho1.train.evaluator import Evaluator
+
+
+def selection_seed(cfg: TrainConfig, step: int, micro: int, rank: int, global_scope: bool = False) -> int:
+    """The seed of a random score's stream: one for each step and micro-batch, and for each process when
+    it ranks its own micro-batch (rank 0 keeps the single-process stream). Under the global scope every
+    process scores the whole gathered batch, so they share the stream and agree on the selection."""
+    return cfg.seed * 1_000_003 + step * cfg.grad_accum + micro + (0 if global_scope else rank * 7_919_000_001)
+
+
+def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio * lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def all_finite(accelerator: Accelerator, value: torch.Tensor) -> bool:
+    """True when the value is finite on every process (they must agree, or DDP would wait forever)."""
+    bad = torch.tensor(0.0 if torch.isfinite(value).all() else 1.0, device=accelerator.device)
+    return float(accelerator.reduce(bad, "sum")) == 0.0
+
+
+class MetricsLog:
+    """The run's metrics.jsonl, written by the main process only. A resumed run first drops what the
+    killed run logged after its checkpoint."""
+
+    def __init__(self, out: Path, is_main: bool, resume_step: int | None):
+        self.file = None
+        if not is_main:
+            return
+        path = out / "metrics.jsonl"
+        if resume_step is not None:
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(path, "a" if resume_step is not None else "w")
+
+    def write(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+@dataclass
+class Run:
+    """Everything one training run holds; ``step``, ``tokens``, ``next_eval`` and ``next_save`` move."""
+
+    cfg: TrainConfig
+    accelerator: Accelerator
+    store: TokenStore
+    scores: ScoreStore | None
+    model: torch.nn.Module  # as accelerate prepared it
+    optimizer: torch.optim.Optimizer
+    order: WindowOrder
+    reference: tuple | None  # (model, head_of) of a reference model run in the loop
+    chunked_head: bool  # the loss from the head's input (rho1.selection.linear_ce)
+    evaluator: Evaluator
+    checkpointer: Checkpointer
+    log: MetricsLog
+    resumed_from: Path | None = None
+    step: int = 0
+    tokens: int = 0
+    next_eval: float = math.inf
+    next_save: float = math.inf
+    parameters: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return self.cfg.ratio if self.cfg.objective == "slm" else 1.0
+
+    @property
+    def selecting(self) -> bool:  # slm at ratio 1 keeps every token: exactly clm
+        return self.ratio < 1.0
+
+    @property
+    def windows_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.accelerator.num_processes
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.windows_per_step * self.cfg.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        return math.ceil(self.cfg.max_tokens / self.tokens_per_step)
+
+    @property
+    def name(self) -> str:
+        cfg = self.cfg
+        return f"{cfg.objective} ({cfg.score})" if self.selecting and cfg.score != "excess" else cfg.objective
+
+    def position(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "next_eval": self.next_eval, "next_save": self.next_save,
+                "objective": self.cfg.objective, "ratio": self.ratio}
+
+
+def _open_data(cfg: TrainConfig) -> tuple[TokenStore, ScoreStore | None]:
+    store = TokenStore.open(cfg.data).verify()
+    scores = ScoreStore.open(cfg.scores, store).verify() if cfg.scores else None
+    if scores is not None and scores.seq_len != cfg.seq_len:
+        raise ValueError(f"scores {scores.path} were computed with windows of {scores.seq_len} tokens but --seq-len is "
+                         f"{cfg.seq_len}; train with --seq-len {scores.seq_len} or rescore with --seq-len {cfg.seq_len}")
+    return store, scores
+
+
+def _learner(cfg: TrainConfig, store: TokenStore, tokenizer):
+    if cfg.model:
+        model = load_model(cfg.model, cfg.trust_remote_code)
+        check_model_fits(model, store, cfg.model)
+    else:
+        model = build_model(cfg.model_preset, store.vocab_size, max(cfg.seq_len, 2048),
+                            store.manifest["eos_token_id"], tokenizer.pad_token_id, seed=cfg.seed)
+    if cfg.seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's {model.config.max_position_embeddings} positions")
+    return model
+
+
+def _reference(cfg: TrainConfig, store: TokenStore, accelerator) -> tuple | None:
+    """A frozen reference model run in the loop, held in the compute dtype like `rho1 score` holds it."""
+    if not cfg.reference:
+        return None
+    model = load_model(cfg.reference, cfg.trust_remote_code, dtype=compute_dtype(cfg.precision))
+    model = model.to(accelerator.device).eval().requires_grad_(False)
+    check_model_fits(model, store, cfg.reference)
+    return model, linear_head_of(model, store, cfg.seq_len)
+
+
+def setup(cfg: TrainConfig, progress: bool = True) -> Run:
+    """Check everything, then build the run: data, models, optimizer, evaluator, resumed position."""
+    cfg.check()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    resume_from = check_run_folder(out, cfg.resume)
+    accelerator = make_accelerator(cfg.precision)
+    store, scores = _open_data(cfg)
+    tokenizer = store.tokenizer()
+    model = _learner(cfg, store, tokenizer)
+    reference = _reference(cfg, store, accelerator)
+    torch.manual_seed(cfg.seed)
+    model, optimizer = accelerator.prepare(model, make_optimizer(model, cfg))
+    model.train()
+    unwrapped = accelerator.unwrap_model(model)
+    chunked = cfg.loss_impl == "auto" and head_is_whole(accelerator) and linear_head_of(unwrapped, store, cfg.seq_len)
+    evaluator = Evaluator(cfg, accelerator, unwrapped if chunked else None, reference, resume_from is not None)
+    run = Run(cfg, accelerator, store, scores, model, optimizer, WindowOrder(store.num_windows(cfg.seq_len), cfg.seed),
+              reference, bool(chunked), evaluator, Checkpointer(out, accelerator, tokenizer, cfg.keep_last),
+              MetricsLog(out, False, None), resume_from, next_eval=cfg.eval_every or math.inf,
+              next_save=cfg.save_every or math.inf, parameters=sum(p.numel() for p in model.parameters()))
+    if resume_from is not None:
+        state = run.checkpointer.resume(resume_from)
+        run.step, run.tokens, run.next_eval, run.next_save = (state[k] for k in ("step", "tokens", "next_eval",
+                                                                                  "next_save"))
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+        run.log = MetricsLog(out, True, run.step if resume_from is not None else None)
+        if progress and resume_from is not None:
+            print(f"train: resuming from {resume_from} (step {run.step}, {run.tokens:,} tokens)")
+        elif progress and cfg.resume:
+            print(f"train: no checkpoint in {out} to resume from; starting from the beginning")
+    return run
+
+
+def step_batches(run: Run, step: int) -> list:
+    """This process's micro-batches of a step, with reference losses when a reference runs in the loop."""
+    cfg, acc = run.cfg, run.accelerator
+    windows = run.order.take(step * run.windows_per_step, run.windows_per_step)
+    n_proc, rank = acc.num_processes, acc.process_index
+    micro = [make_batch(run.store, windows[(m * n_proc + rank) * cfg.batch_size:][: cfg.batch_size], cfg.seq_len,
+                        run.scores).to(acc.device) for m in range(cfg.grad_accum)]
+    if run.reference is not None:
+        ref_model, ref_head = run.reference
+        for batch in micro:
+            batch.ref_loss = reference_token_losses(ref_model, batch.input_ids, batch.labels, ref_head, acc.autocast,
+                                                    compute_dtype(cfg.precision))
+    return micro
+
+
+def selected_loss(run: Run, batch, ref_loss, ratio: float, score: str, generator=None) -> Selection:
+    """Forward one micro-batch and select its tokens; ``loss_sum`` keeps the graph. The global scope ranks
+    the same micro-batch of every process at once (the losses are gathered)."""
+    acc = run.accelerator
+    gather = acc.gather if ratio < 1.0 and run.cfg.selection_scope == "global" and acc.num_processes > 1 else None
+    if run.chunked_head:
+        with without_head(acc.unwrap_model(run.model)) as weight, acc.autocast():
+            hidden = run.model(input_ids=batch.input_ids).logits
+        dtype = compute_dtype(run.cfg.precision)
+        return selective_linear_cross_entropy(hidden if dtype is None else hidden.to(dtype), weight, batch.labels,
+                                              ref_loss, ratio, score, generator=generator, gather=gather,
+                                              rank=acc.process_index)
+    with acc.autocast():
+        logits = run.model(input_ids=batch.input_ids).logits
+    return select_from_token_loss(token_cross_entropy(logits, batch.labels), batch.labels, ref_loss, ratio, score,
+                                  generator=generator, gather=gather, rank=acc.process_index)
+
+
+def micro_step(run: Run, batch, step: int, micro: int) -> tuple[Selection, dict]:
+    """The selection of one micro-batch and the statistics to log (CLM with scores logs what SLM would
+    have kept)."""
+    cfg = run.cfg
+    if run.selecting:
+        acc = run.accelerator
+        global_scope = cfg.selection_scope == "global" and acc.num_processes > 1
+        generator = torch.Generator().manual_seed(selection_seed(cfg, step, micro, acc.process_index, global_scope))
+        selection = selected_loss(run, batch, batch.ref_loss, run.ratio, cfg.score, generator)
+        return selection, selection.stats
+    selection = selected_loss(run, batch, None, 1.0, "learner")
+    if batch.ref_loss is None:
+        return selection, selection.stats
+    shadow = select_from_token_loss(selection.token_loss, batch.labels, batch.ref_loss, cfg.ratio)
+    return selection, {**shadow.stats, "frac_selected": 1.0}
+
+
+@dataclass
+class StepResult:
+    lr: float
+    loss_sum: torch.Tensor  # this process's sum of selected-token losses (detached)
+    selected: float = 0.0  # tokens selected in the step, all processes
+    grad_norm: float | None = None
+    stats: list[dict] = field(default_factory=list)  # per micro-batch
+    skipped: str | None = None  # why the weights were not updated
+
+
+def scale_gradients(model, factor: float) -> None:
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(factor)
+
+
+def train_step(run: Run, step: int) -> StepResult:
+    """One optimizer step. Each micro-batch's loss sum is backpropagated divided by the valid tokens of the
+    whole step (known before the forward, it keeps the gradients' scale); once every process has
+    selected, the gradients are scaled to the number of selected tokens (all-reduced), then clipped."""
+    cfg, acc = run.cfg, run.accelerator
+    lr = lr_at(step, run.total_steps, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    micro = step_batches(run, step)
+    n_valid = sum(float(valid_mask(b.labels, b.ref_loss if run.selecting else None).sum()) for b in micro)
+    n_valid = max(1.0, float(acc.reduce(torch.tensor(n_valid, device=acc.device), "sum")))
+    result = StepResult(lr, torch.zeros((), device=acc.device))
+    n_selected = torch.zeros((), device=acc.device)
+    for m, batch in enumerate(micro):
+        selection, stats = micro_step(run, batch, step, m)
+        if not all_finite(acc, selection.loss_sum):
+            result.skipped = f"training loss became {float(selection.loss_sum.detach())}"
+            return result
+        with acc.no_sync(run.model) if m < len(micro) - 1 else contextlib.nullcontext():
+            acc.backward(selection.loss_sum * acc.num_processes / n_valid)  # DDP averages over processes
+        result.loss_sum += selection.loss_sum.detach()
+        n_selected += selection.mask.sum()
+        result.stats.append(stats)
+    result.selected = float(acc.reduce(n_selected, "sum"))
+    if result.selected != n_valid:  # fewer tokens than the valid ones were kept
+        scale_gradients(run.model, n_valid / max(result.selected, 1.0))
+    if cfg.grad_clip:
+        grad_norm = acc.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+        if not all_finite(acc, grad_norm):
+            result.skipped = f"gradient norm became {float(grad_norm)}"
+            return result
+        result.grad_norm = float(grad_norm)
+    run.optimizer.step()
+    return result
+
+
+class LogWindow:
+    """The steps since the last metrics record: the loss over all their selected tokens, the mean of the
+    rest per step."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum, self.selected, self.values = torch.zeros((), device=self.device), 0.0, {}
+
+    def add(self, result: StepResult) -> None:
+        self.loss_sum, self.selected = self.loss_sum + result.loss_sum, self.selected + result.selected
+        for stats in result.stats:
+            for key, value in stats.items():
+                self.values.setdefault(key, []).append(value)
+        if result.grad_norm is not None:
+            self.values.setdefault("grad_norm", []).append(result.grad_norm)
+
+    def record(self, run: Run, lr: float, tokens_per_second: float) -> dict:
+        loss_sum = float(run.accelerator.reduce(self.loss_sum, "sum"))  # every process logs together
+        record = {"kind": "train", "step": run.step, "tokens": run.tokens,
+                  "loss": loss_sum / self.selected if self.selected else float("nan"), "selected": int(self.selected),
+                  "lr": lr, "grad_norm": None, "tokens_per_second": tokens_per_second}
+        for key, values in self.values.items():
+            finite = [v for v in values if v == v]
+            record[key] = sum(finite) / len(finite) if finite else float("nan")
+        self.reset()
+        return record
+
+
+def evaluate(run: Run) -> dict:
+    if not run.evaluator.stores:
+        return {}
+    metrics = run.evaluator(run.model)
+    run.log.write({"kind": "eval", "step": run.step, "tokens": run.tokens, **metrics})
+    return metrics
+
+
+def skip_or_stop(run: Run, what: str, progress: bool) -> None:
+    """A step with a NaN/inf loss or gradient: stop with one sentence, or with --skip-nonfinite log it."""
+    message = f"{what} at step {run.step} ({run.tokens:,} tokens); the weights were not updated"
+    if not run.cfg.skip_nonfinite:
+        raise FloatingPointError(f"{message}: lower --lr, use --precision no if you train in fp16/bf16, or "
+                                 "pass --skip-nonfinite to skip such steps")
+    run.log.write({"kind": "skipped", "step": run.step + 1, "tokens": run.tokens, "reason": what})
+    if progress and run.accelerator.is_main_process:
+        print(f"train: skipped a step: {message}")
+
+
+def interrupted_message(run: Run) -> str:
+    newest = latest_checkpoint(Path(run.cfg.out))
+    where = f"interrupted at step {run.step} ({run.tokens:,} tokens); "
+    if newest is None:
+        return where + "no checkpoint was saved yet (--save-every N saves them): run the same command to start over"
+    return where + f"the newest checkpoint is {newest}: rerun the same command with --resume to continue from it"
+
+
+def fit(run: Run, progress: bool = True) -> dict:
+    """The optimizer steps from the run's position to the end, then the final evaluation and checkpoint."""
+    cfg, acc = run.cfg, run.accelerator
+    start, first_tokens = time.time(), run.tokens
+    last_eval = evaluate(run) if run.resumed_from is None else {}
+    bar = progress_bar(total=run.total_steps * run.tokens_per_step, initial=run.tokens, desc=f"train {run.name}",
+                       unit="tok", unit_scale=True, disable=not (progress and acc.is_main_process))
+    window = LogWindow(acc.device)
+    try:
+        for step in range(run.step, run.total_steps):
+            result = train_step(run, step)
+            run.optimizer.zero_grad(set_to_none=True)
+            if result.skipped:
+                skip_or_stop(run, result.skipped, progress)
+            else:
+                window.add(result)
+            run.step, run.tokens = step + 1, run.tokens + run.tokens_per_step
+            bar.update(run.tokens_per_step)
+            last = run.step == run.total_steps
+            if run.step % cfg.log_every == 0 or last:
+                record = window.record(run, result.lr, (run.tokens - first_tokens) / (time.time() - start))
+                run.log.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+            if run.tokens >= run.next_eval and not last:
+                last_eval = evaluate(run)
+                run.next_eval += cfg.eval_every
+            if run.tokens >= run.next_save and not last:
+                run.next_save += cfg.save_every
+                run.checkpointer.save(run.model, run.position())
+    except KeyboardInterrupt:
+        bar.close()
+        run.log.close()
+        raise Interrupted(interrupted_message(run)) from None
+    except BaseException:
+        run.log.close()  # a kept traceback must not hold the run folder's file open
+        raise
+    bar.close()
+    last_eval = evaluate(run)
+    run.checkpointer.save_final(run.model, {"step": run.step, "tokens": run.tokens, "objective": cfg.objective,
+                                            "ratio": run.ratio})
+    return finish(run, last_eval, time.time() - start, first_tokens, progress)
+
+
+def finish(run: Run, last_eval: dict, seconds: float, first_tokens: int, progress: bool) -> dict:
+    """summary.json and the closing line."""
+    out = Path(run.cfg.out)
+    summary = {"tokens": run.tokens, "steps": run.total_steps, "seconds": seconds,
+               "tokens_per_second": (run.tokens - first_tokens) / seconds, "parameters": run.parameters,
+               "loss_path": "chunked" if run.chunked_head else "logits", **last_eval}
+    run.log.close()
+    if run.accelerator.is_main_process:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if progress:
+            shown = ", ".join(f"{k.split('/', 1)[-1]} {v:.4f}" for k, v in last_eval.items()
+                              if isinstance(v, float) and k.endswith("loss"))
+            print(f"train {run.name}: {run.tokens:,} tokens in {seconds:.1f}s ({summary['tokens_per_second']:,.0f} "
+                  f"tokens/s, {run.parameters / 1e6:.2f}M parameters) -> {out / 'final'}" + (f"; {shown}" if shown else ""))
+    run.accelerator.wait_for_everyone()
+    return summary
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict:
+    """Train a causal LM with the CLM or SLM objective (see TrainConfig); returns the summary."""
+    return fit(setup(cfg, progress), progress)
