@@ -82,6 +82,8 @@ class PrepareConfig:
     template: str | None = opt(None, 'format records, e.g. "Question: {question}\\nAnswer: {answer}" (a written '
                                "\\n or \\t is a newline or a tab)")
     target_field: str | None = opt(None, "template field whose tokens count for target-domain metrics")
+    label_field: str | None = opt(None, "record field naming each document's source (e.g. source); training then "
+                                 "logs the share of each source's tokens selected. Text files: their file name")
     split: str = opt("train", "split read from Hugging Face datasets")
     trust_remote_code: bool = opt(False, "run a tokenizer's own code from the hub")
     overwrite: bool = opt(False, "replace an existing TokenStore at --out (ScoreStores made from it stop matching)")

@@ -62,3 +62,22 @@ def test_parquet_and_folder_sources(tmp_path):
     docs = [tok.decode(store.tokens[off[i] : off[i + 1] - 1].tolist()) for i in range(len(off) - 1)]
     assert docs == ["Question: What is 2 + 3?\nAnswer: #### 5", "Question: What is 4 * 5?\nAnswer: #### 20",
                     "first file", "second file"]
+
+
+def test_label_field_labels_records_and_names_text_files(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "one two", "source": "x"}\n{"text": "three", "source": "y"}\n'
+                                      '{"text": "four", "source": "x"}\n')
+    (tmp_path / "b.txt").write_text("five six")
+    store = prepare(PrepareConfig([str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")], str(tmp_path / "s"),
+                                  train_tokenizer=300, label_field="source"), progress=False)
+    assert store.label_names == ["x", "y", "b.txt"]
+    assert store.doc_labels.tolist() == [0, 1, 0, 2]
+    plain = prepare(PrepareConfig([str(tmp_path / "a.jsonl")], str(tmp_path / "p"), train_tokenizer=300),
+                    progress=False)
+    assert plain.label_names == [] and plain.doc_labels is None
+    assert plain.hash == prepare(PrepareConfig([str(tmp_path / "a.jsonl")], str(tmp_path / "q"), train_tokenizer=300,
+                                               label_field="source"), progress=False).hash  # scores still fit
+    (tmp_path / "c.jsonl").write_text('{"text": "seven"}\n')
+    with pytest.raises(ValueError, match="c.jsonl line 1 has no field 'source' for --label-field"):
+        prepare(PrepareConfig([str(tmp_path / "c.jsonl")], str(tmp_path / "c"), train_tokenizer=300,
+                              label_field="source"), progress=False)

@@ -93,6 +93,26 @@ def _curve_figure(runs, key: str, title: str, ylabel: str, source: str = "evals"
     return None
 
 
+def _label_figures(runs) -> list[dict]:
+    """Per run with labelled data (``rho1 prepare --label-field``) that selects: the share of each
+    source's tokens selected over training."""
+    out = []
+    for r in runs:
+        names = sorted({k.split("/")[1] for s in r["steps"] for k in s if k.startswith("label/")})
+        if not names or r["config"].get("objective") != "slm":
+            continue
+        fig, ax = figure()
+        for name in names:
+            points = [(s["tokens"], s[f"label/{name}/frac_selected"]) for s in r["steps"]
+                      if s.get(f"label/{name}/frac_selected") == s.get(f"label/{name}/frac_selected")]
+            ax.plot(*zip(*points), label=name)
+        ax.set(xlabel="tokens trained", ylabel="share of the source's tokens selected", ylim=(0, 1),
+               title=f"{r['name']}: share selected per source")
+        ax.legend()
+        out.append({"title": f"{r['name']}: share selected per source", "uri": to_data_uri(fig)})
+    return out
+
+
 def build_report(cfg: ReportConfig, viewer_html: str | None = None) -> tuple[str, dict]:
     if not cfg.runs:
         raise ValueError("rho1 report needs at least one run directory")
@@ -131,7 +151,7 @@ def build_report(cfg: ReportConfig, viewer_html: str | None = None) -> tuple[str
         _curve_figure(runs, "excess_loss_unselected", "mean excess loss of unselected tokens per step", "nats",
                       "steps"),
     ]
-    figures = [f for f in figures if f is not None]
+    figures = [f for f in figures if f is not None] + _label_figures(runs)
     dynamics = []
     for r in runs:
         dyn = load_dynamics(r["path"])

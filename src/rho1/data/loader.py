@@ -18,6 +18,7 @@ class Batch:
     labels: torch.Tensor  # [B, T], labels[b, t] = input_ids[b, t + 1]; IGNORE_INDEX past the window
     ref_loss: torch.Tensor | None  # [B, T], reference loss of labels[b, t]; NaN where unknown
     positions: torch.Tensor  # [B, T] int64, stream position of labels[b, t] (-1 where ignored)
+    label_ids: torch.Tensor | None = None  # [B, T] the source label id of labels[b, t] (-1 where ignored)
 
     def to(self, device) -> Batch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -40,7 +41,8 @@ def make_batch(store: TokenStore, windows, seq_len: int, scores: ScoreStore | No
     if scores is not None:
         safe = np.where(has_label, positions, 0)
         ref = torch.from_numpy(np.where(has_label, scores.scores[safe].astype(np.float32), np.nan))
-    return Batch(torch.from_numpy(input_ids), torch.from_numpy(labels), ref, torch.from_numpy(positions))
+    label_ids = torch.from_numpy(store.token_labels(positions)) if store.label_names else None
+    return Batch(torch.from_numpy(input_ids), torch.from_numpy(labels), ref, torch.from_numpy(positions), label_ids)
 
 
 class WindowOrder:

@@ -79,15 +79,17 @@ def _tokenizer(cfg: PrepareConfig, texts):
 
 def write_stream(folder: Path, tokenizer, documents, batch_docs: int = 512, progress: bool = True) -> dict:
     """Tokenize ``documents`` into ``folder`` (tokens.bin, target_mask.bin when any document has a target
-    part, doc_offsets.npy), each document followed by EOS; returns the counts and hashes for the manifest."""
+    part, doc_offsets.npy, doc_labels.npy when documents are labelled), each document followed by EOS;
+    returns the counts and hashes for the manifest."""
     dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
     content, hashes = hashlib.sha256(), {"tokens.bin": hashlib.sha256(), "target_mask.bin": hashlib.sha256()}
-    offsets, any_target = [0], False
+    offsets, any_target, labels, label_ids = [0], False, {}, []
     bar = progress_bar(desc="prepare", unit="tok", unit_scale=True, disable=not progress)
     with open(folder / "tokens.bin", "wb") as ftok, open(folder / "target_mask.bin", "wb") as fmask:
         docs = iter(documents)
         while batch := list(itertools.islice(docs, batch_docs)):
             before = offsets[-1]
+            label_ids += [labels.setdefault(d.label, len(labels)) for d in batch if d.label is not None]
             for ids, mask in _encode_batch(tokenizer, batch):
                 arr = np.asarray(ids + [tokenizer.eos_token_id], dtype=dtype)
                 for f, h, data in ((ftok, hashes["tokens.bin"], arr.tobytes()),
@@ -103,7 +105,10 @@ def write_stream(folder: Path, tokenizer, documents, batch_docs: int = 512, prog
         (folder / "target_mask.bin").unlink()
         del hashes["target_mask.bin"]
     np.save(folder / "doc_offsets.npy", np.asarray(offsets, dtype=np.int64), allow_pickle=False)
-    return {"dtype": np.dtype(dtype).name, "n_tokens": offsets[-1], "n_docs": len(offsets) - 1,
+    if label_ids:
+        np.save(folder / "doc_labels.npy", np.asarray(label_ids, dtype=np.int32), allow_pickle=False)
+        hashes["doc_labels.npy"] = hashlib.sha256((folder / "doc_labels.npy").read_bytes())
+    return {"labels": list(labels), "dtype": np.dtype(dtype).name, "n_tokens": offsets[-1], "n_docs": len(offsets) - 1,
             "has_target_mask": any_target, "content_hash": content.hexdigest()[:16],
             "sha256": {name: h.hexdigest() for name, h in hashes.items()}}
 
@@ -117,7 +122,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> TokenStore:
     template = unescape_template(cfg.template)
 
     def documents():
-        return read_documents(files, cfg.text_field, template, cfg.target_field, cfg.split)
+        return read_documents(files, cfg.text_field, template, cfg.target_field, cfg.split, cfg.label_field)
 
     if next(iter(documents()), None) is None:
         raise ValueError(f"no text found in {', '.join(map(str, files))}; the corpus is empty")
@@ -133,7 +138,8 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> TokenStore:
                 "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
                 "tokenizer": {"name": tokenizer_name, "hash": tokenizer_hash(tokenizer)},
                 "sources": [str(f) for f in files], "text_field": cfg.text_field, "split": cfg.split,
-                "template": template, "target_field": cfg.target_field,
+                "template": template, "target_field": cfg.target_field, "label_field": cfg.label_field,
+                "labels": written["labels"],
                 **{k: written[k] for k in ("has_target_mask", "content_hash", "sha256")}, "seconds": round(seconds, 3)}
     write_json_atomic(tmp / "manifest.json", manifest)
     replace_dir(tmp, out)

@@ -1,8 +1,8 @@
 """Reading documents from text sources: .txt files or folders, .jsonl, Parquet, and saved HF datasets.
 
-Each source yields ``Document(text, target_start)``: ``target_start`` is the character where the
+Each source yields ``Document(text, target_start, label)``: ``target_start`` is the character where the
 part that counts for target-domain metrics begins (e.g. the answer of a question/answer template),
-or None when the whole text counts.
+or None when the whole text counts; ``label`` names the document's source (``--label-field``), or None.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".parquet")
 class Document:
     text: str
     target_start: int | None = None
+    label: str | None = None
 
 
 HF_PREFIX = "hf:"  # hf:NAME[:CONFIG] -> datasets.load_dataset(NAME, CONFIG): a hub name or a local data folder
@@ -123,17 +124,11 @@ def read_jsonl_records(path: Path, required: tuple[str, ...] = ()) -> list[dict]
     return records
 
 
-def _read_jsonl(path: Path, text_field, template, target_field) -> Iterator[Document]:
-    for lineno, record in _jsonl_lines(path):
-        yield format_record(record, f"{path} line {lineno}", text_field, template, target_field)
-
-
-def _read_parquet(path: Path, text_field, template, target_field) -> Iterator[Document]:
+def _parquet_records(path: Path) -> Iterator[tuple[str, dict]]:
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
-    for i, record in enumerate(table.to_pylist()):
-        yield format_record(record, f"{path} row {i}", text_field, template, target_field)
+    for i, record in enumerate(pq.read_table(path).to_pylist()):
+        yield f"{path} row {i}", record
 
 
 def load_hf_dataset(source: Path | str, split: str = "train"):
@@ -153,24 +148,43 @@ def load_hf_dataset(source: Path | str, split: str = "train"):
     return data
 
 
-def _read_dataset(source, split, text_field, template, target_field) -> Iterator[Document]:
-    for i, record in enumerate(load_hf_dataset(source, split)):
-        yield format_record(record, f"dataset {source} ({split}) row {i}", text_field, template, target_field)
+def _records(path, split: str) -> Iterator[tuple[str, dict]] | None:
+    """(where, record) of a record source (jsonl, Parquet, HF dataset); None for a text file."""
+    if isinstance(path, str) or is_saved_dataset(path):
+        return ((f"dataset {path} ({split}) row {i}", r) for i, r in enumerate(load_hf_dataset(path, split)))
+    if path.suffix in (".jsonl", ".json"):
+        return ((f"{path} line {lineno}", r) for lineno, r in _jsonl_lines(path))
+    if path.suffix == ".parquet":
+        return _parquet_records(path)
+    return None
+
+
+def _label(record: dict, label_field: str, where: str) -> str:
+    if label_field not in record:
+        raise ValueError(f"{where} has no field {label_field!r} for --label-field; fields present: {', '.join(record)}")
+    return str(record[label_field])
 
 
 def read_documents(paths: list[str | Path], text_field: str | None = None, template: str | None = None,
-                   target_field: str | None = None, split: str = "train") -> Iterator[Document]:
+                   target_field: str | None = None, split: str = "train",
+                   label_field: str | None = None) -> Iterator[Document]:
     """Every document of every source, in order. Empty documents are skipped. ``split``: the split read
-    from Hugging Face datasets."""
+    from Hugging Face datasets. ``label_field``: each record's field naming its source (a text file's
+    documents are labelled by the file's name)."""
     for path in expand_sources(paths):
-        if isinstance(path, str) or is_saved_dataset(path):
-            docs = _read_dataset(path, split, text_field, template, target_field)
-        elif path.suffix in (".jsonl", ".json"):
-            docs = _read_jsonl(path, text_field, template, target_field)
-        elif path.suffix == ".parquet":
-            docs = _read_parquet(path, text_field, template, target_field)
+        records = _records(path, split)
+        if records is None:
+            docs = iter([Document(_read_utf8(path), 0 if target_field else None,
+                                  Path(path).name if label_field else None)])
         else:
-            docs = iter([Document(_read_utf8(path), 0 if target_field else None)])
+            docs = (_labelled(format_record(r, where, text_field, template, target_field), r, label_field, where)
+                    for where, r in records)
         for doc in docs:
             if doc.text.strip():
                 yield doc
+
+
+def _labelled(doc: Document, record: dict, label_field: str | None, where: str) -> Document:
+    if label_field:
+        doc.label = _label(record, label_field, where)
+    return doc

@@ -128,6 +128,23 @@ class TokenStore:
     def doc_offsets(self) -> np.ndarray:
         return np.load(self.path / "doc_offsets.npy", allow_pickle=False)
 
+    @property
+    def label_names(self) -> list[str]:
+        """The document labels (``rho1 prepare --label-field``), in the order of their ids; [] when none."""
+        return self.manifest.get("labels") or []
+
+    @cached_property
+    def doc_labels(self) -> np.ndarray | None:
+        """The label id of each document, or None when the store has no labels."""
+        if not self.label_names:
+            return None
+        return np.load(self.path / "doc_labels.npy", allow_pickle=False)
+
+    def token_labels(self, positions: np.ndarray) -> np.ndarray:
+        """The label id of the document holding each stream position (-1 for a negative position)."""
+        doc = np.searchsorted(self.doc_offsets, np.maximum(positions, 0), side="right") - 1
+        return np.where(positions >= 0, self.doc_labels[np.minimum(doc, len(self.doc_labels) - 1)], -1)
+
     def tokenizer(self):
         from rho1.data.tokenizer import load_tokenizer
 

@@ -25,6 +25,8 @@ def token_efficiency(baseline: list[tuple[int, float]], other: list[tuple[int, f
     """
     target = baseline[-1][1]
     needed = tokens_to_reach(baseline, target)
+    if needed is None:  # a NaN final loss (no target tokens evaluated): nothing to compare
+        return float("nan"), False
     got = tokens_to_reach(other, target)
     if got is None:
         return needed / other[-1][0], False

@@ -261,6 +261,19 @@ def micro_step(run: Run, batch, step: int, micro: int) -> tuple[Selection, dict]
     return selection, {**shadow.stats, "frac_selected": 1.0}
 
 
+def label_sums(batch, selection: Selection, valid: torch.Tensor, n_labels: int) -> torch.Tensor:
+    """Per source label (rows): [valid tokens, selected tokens, excess-loss sum, tokens with a reference]."""
+    ids = batch.label_ids.to(valid.device)
+    with_ref = valid & torch.isfinite(batch.ref_loss) if batch.ref_loss is not None else torch.zeros_like(valid)
+    excess = selection.token_loss.float() - torch.nan_to_num(batch.ref_loss.float()) if batch.ref_loss is not None \
+        else torch.zeros_like(selection.token_loss, dtype=torch.float32)
+
+    def count(mask, weights=None):
+        return torch.bincount(ids[mask], None if weights is None else weights[mask], minlength=n_labels).float()
+
+    return torch.stack([count(valid), count(selection.mask & valid), count(with_ref, excess), count(with_ref)], 1)
+
+
 @dataclass
 class StepResult:
     lr: float
@@ -268,6 +281,7 @@ class StepResult:
     selected: float = 0.0  # tokens selected in the step, all processes
     grad_norm: float | None = None
     stats: list[dict] = field(default_factory=list)  # per micro-batch
+    labels: torch.Tensor | None = None  # label_sums over the step (this process), when the store has labels
     skipped: str | None = None  # why the weights were not updated
 
 
@@ -300,6 +314,10 @@ def train_step(run: Run, step: int) -> StepResult:
         result.loss_sum += selection.loss_sum.detach()
         n_selected += selection.mask.sum()
         result.stats.append(stats)
+        if batch.label_ids is not None:
+            valid = valid_mask(batch.labels, batch.ref_loss if run.selecting else None)
+            sums = label_sums(batch, selection, valid, len(run.store.label_names))
+            result.labels = sums if result.labels is None else result.labels + sums
     result.selected = float(acc.reduce(n_selected, "sum"))
     if result.selected != n_valid:  # fewer tokens than the valid ones were kept
         scale_gradients(run.model, n_valid / max(result.selected, 1.0))
@@ -322,7 +340,7 @@ class LogWindow:
         self.reset()
 
     def reset(self) -> None:
-        self.loss_sum, self.selected, self.values = torch.zeros((), device=self.device), 0.0, {}
+        self.loss_sum, self.selected, self.values, self.labels = torch.zeros((), device=self.device), 0.0, {}, None
 
     def add(self, result: StepResult) -> None:
         self.loss_sum, self.selected = self.loss_sum + result.loss_sum, self.selected + result.selected
@@ -331,6 +349,8 @@ class LogWindow:
                 self.values.setdefault(key, []).append(value)
         if result.grad_norm is not None:
             self.values.setdefault("grad_norm", []).append(result.grad_norm)
+        if result.labels is not None:
+            self.labels = result.labels if self.labels is None else self.labels + result.labels
 
     def record(self, run: Run, lr: float, tokens_per_second: float) -> dict:
         loss_sum = float(run.accelerator.reduce(self.loss_sum, "sum"))  # every process logs together
@@ -340,6 +360,12 @@ class LogWindow:
         for key, values in self.values.items():
             finite = [v for v in values if v == v]
             record[key] = sum(finite) / len(finite) if finite else float("nan")
+        if self.labels is not None:  # per source: share of its tokens selected, their mean excess loss
+            sums = run.accelerator.reduce(self.labels, "sum").tolist()
+            for name, (valid, selected, excess, with_ref) in zip(run.store.label_names, sums):
+                record[f"label/{name}/tokens"] = int(valid)
+                record[f"label/{name}/frac_selected"] = selected / valid if valid else float("nan")
+                record[f"label/{name}/excess_loss"] = excess / with_ref if with_ref else float("nan")
         self.reset()
         return record
 
