@@ -58,6 +58,6 @@ def set_threads(threads: int | None = None) -> int:
     import torch
 
     threads = threads or default_threads()
-    if threads:
+    if threads and threads != torch.get_num_threads():  # an explicit call changes some kernels' summation order
         torch.set_num_threads(threads)
     return torch.get_num_threads()

@@ -301,7 +301,7 @@ def train_step(run: Run, step: int) -> StepResult:
         group["lr"] = lr
     micro = step_batches(run, step)
     n_valid = sum(float(valid_mask(b.labels, b.ref_loss if run.selecting else None).sum()) for b in micro)
-    n_valid = max(1.0, float(acc.reduce(torch.tensor(n_valid, device=acc.device), "sum")))
+    n_valid = acc.reduce(torch.tensor(max(n_valid, 1.0), device=acc.device), "sum")  # a tensor, as it always was
     result = StepResult(lr, torch.zeros((), device=acc.device))
     n_selected = torch.zeros((), device=acc.device)
     for m, batch in enumerate(micro):
@@ -319,8 +319,8 @@ def train_step(run: Run, step: int) -> StepResult:
             sums = label_sums(batch, selection, valid, len(run.store.label_names))
             result.labels = sums if result.labels is None else result.labels + sums
     result.selected = float(acc.reduce(n_selected, "sum"))
-    if result.selected != n_valid:  # fewer tokens than the valid ones were kept
-        scale_gradients(run.model, n_valid / max(result.selected, 1.0))
+    if result.selected != float(n_valid):  # fewer tokens than the valid ones were kept
+        scale_gradients(run.model, float(n_valid) / max(result.selected, 1.0))
     if cfg.grad_clip:
         grad_norm = acc.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
         if not all_finite(acc, grad_norm):
