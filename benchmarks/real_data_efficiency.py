@@ -1,19 +1,28 @@
-"""Data efficiency on real data: CLM vs SLM vs random-60% at an equal token budget, several seeds, in one run.
+"""Data efficiency on real data: CLM, SLM, random 60% and a document-level filter at an equal token budget,
+in two settings, over seeds, with the share of each source SLM keeps.
 
-    .venv/bin/python benchmarks/real_data_efficiency.py [--data-dir ../shared/data] [--seeds 0 1 2]
-        [--train-tokens 500000] [--out runs/bench-real]
+    .venv/bin/python benchmarks/real_data_efficiency.py [--data-dir ../shared/data] [--settings A B]
+        [--presets small] [--seeds 0 1 2] [--train-tokens 1200000] [--ratios 0.4 0.8] [--out runs/bench-real]
 
-Corpora, all from --data-dir (default ../shared/data beside the project; never copied into the repository):
+Corpora (GSM8K and Tiny Shakespeare from --data-dir; Python source code from packages installed here):
   reference  GSM8K train problems 0-3999 with their worked answers (clean, target domain);
-  web        the noisy corpus to train on: GSM8K train problems 4000-7472, the four model-written solutions
-             (right and wrong) of GSM8K test problems 0-999, and Tiny Shakespeare without its last 10%;
-  heldout    GSM8K test problems 1000-1318 with their ground-truth answers: none of their model solutions
-             is in the corpus. Target loss = loss on their answer tokens;
-  offtarget  passages of the last 10% of Tiny Shakespeare.
-The stages are those of `rho1 demo` (rho1.pipeline.compare): a base model on the web corpus, the reference
-= base + clean GSM8K, then CLM, SLM and random-60% continue from the base on the same web tokens.
-Prints the token efficiency of SLM and of the random control per seed and their medians, and 2-shot
-greedy answer accuracy on the first 100 held-out problems.
+  noisy      what CLM/SLM train on, each document labelled by source: GSM8K train problems 4000-7472
+             (gsm8k), the four model-written solutions of GSM8K test problems 0-999 (solution_right,
+             solution_wrong), Tiny Shakespeare's first 45% (shakespeare), and 1 MB of numpy's Python source
+             (code; numpy is BSD-3-Clause), in 1,500-character passages;
+  general    setting B's base pretraining text, disjoint from the noisy corpus: Tiny Shakespeare 45-90% and
+             1.5 MB of the Python standard library's source (PSF License 2.0);
+  heldout    GSM8K test problems 1000-1318 (none of their model solutions is in the corpus); target loss =
+             loss on their answer tokens;
+  offtarget  Tiny Shakespeare's last 10%.
+Setting A (from scratch): the reference is a fresh model trained on the clean GSM8K part; every method starts
+from a fresh model. Setting B (continual, as in the paper): a base is pretrained on the general text; the
+reference is the base trained further on the clean math; every method continues from the base.
+Methods at the same budget and data order: CLM, SLM (top 60% by excess loss), random 60%, and the filter a
+user would try first: the documents with the highest mean excess loss under the starting model, 60% of the
+tokens, trained on with CLM. With --ratios, SLM at those ratios too (first seed only).
+Prints token efficiency against CLM (median, min, max over seeds), final target and off-target losses, the
+share of each source SLM selects, and writes everything with stage times to OUT/result.json.
 """
 
 from __future__ import annotations
@@ -22,17 +31,27 @@ import argparse
 import json
 import random
 import statistics
+import sys
+import sysconfig
+import time
 from dataclasses import replace
 from pathlib import Path
 
-import transformers
+import numpy as np
 from common import add_data_dir, check_data_dir
 
+from rho1.config import TrainConfig
+from rho1.data.prepare import PrepareConfig, prepare
+from rho1.data.store import ScoreStore, TokenStore
 from rho1.eval.accuracy import QA_TEMPLATE
-from rho1.experiments.demo import DemoConfig, compare
+from rho1.eval.curves import format_efficiency, read_curve, token_efficiency
+from rho1.head import linear_head_of, token_losses
+from rho1.model import build_model, load_model
+from rho1.score import ScoreConfig, score
+from rho1.train import train
 
 SOLVERS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
-QA = QA_TEMPLATE
+TARGET, OFF = "eval/heldout/target_loss", "eval/offtarget/loss"
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -45,65 +64,228 @@ def _write(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def build_corpora(data_dir: Path, out: Path, n_reference: int = 4000,
-                  n_solved: int = 1000) -> tuple[dict[str, Path], dict]:
-    train = _jsonl(data_dir / "gsm8k" / "train.jsonl")
-    test = _jsonl(data_dir / "gsm8k" / "test.jsonl")
+def _passages(text: str, size: int = 1500) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size) if text[i : i + size].strip()]
+
+
+def _source_code(root: Path, budget: int, skip: tuple[str, ...] = ("test",)) -> str:
+    """The first ``budget`` characters of the .py files under ``root`` (sorted, test files left out)."""
+    parts, size = [], 0
+    for f in sorted(root.rglob("*.py")):
+        if any(s in f.as_posix() for s in skip):
+            continue
+        text = f.read_text(errors="replace")
+        parts.append(text)
+        size += len(text)
+        if size >= budget:
+            break
+    return "".join(parts)[:budget]
+
+
+def build_corpora(data_dir: Path, out: Path, n_reference: int = 4000, n_solved: int = 1000) -> tuple[dict, dict]:
+    train_set = _jsonl(data_dir / "gsm8k" / "train.jsonl")
+    test_set = _jsonl(data_dir / "gsm8k" / "test.jsonl")
     solutions = _jsonl(data_dir / "gsm8k" / "example_model_solutions.jsonl")
     shakespeare = (data_dir / "tinyshakespeare" / "input.txt").read_text()
-    cut = int(len(shakespeare) * 0.9)
-    passages = lambda text: [text[i : i + 1500] for i in range(0, len(text), 1500)]  # noqa: E731
-
-    web = [{"text": QA.format(**p)} for p in train[n_reference:]]
-    n_right = n_wrong = 0
+    a, b = int(len(shakespeare) * 0.45), int(len(shakespeare) * 0.9)
+    noisy = [{"text": QA_TEMPLATE.format(**p), "source": "gsm8k"} for p in train_set[n_reference:]]
     for record in solutions[:n_solved]:
-        for solver in SOLVERS:
-            if solver in record:
-                web.append({"text": QA.format(question=record["question"], answer=record[solver]["solution"])})
-                n_right += bool(record[solver]["is_correct"])
-                n_wrong += not record[solver]["is_correct"]
-    web += [{"text": t} for t in passages(shakespeare[:cut])]
-    random.Random(0).shuffle(web)  # documents of each kind spread over the store
+        for solver in (s for s in SOLVERS if s in record):
+            right = "right" if record[solver]["is_correct"] else "wrong"
+            noisy.append({"text": QA_TEMPLATE.format(question=record["question"], answer=record[solver]["solution"]),
+                          "source": f"solution_{right}"})
+    noisy += [{"text": t, "source": "shakespeare"} for t in _passages(shakespeare[:a])]
+    import numpy
+
+    noisy += [{"text": t, "source": "code"} for t in _passages(_source_code(Path(numpy.__file__).parent, 1_000_000))]
+    random.Random(0).shuffle(noisy)  # documents of each kind spread over the store
+    stdlib = _source_code(Path(sysconfig.get_paths()["stdlib"]), 1_500_000, skip=("test", "site-packages"))
+    general = [{"text": t} for t in _passages(shakespeare[a:b]) + _passages(stdlib)]
+    random.Random(1).shuffle(general)
     heldout_questions = {r["question"] for r in solutions[n_solved:]}
-    heldout = [p for p in test if p["question"] in heldout_questions]
-    files = {
-        "reference": _write(out / "reference.jsonl", train[:n_reference]),
-        "web": _write(out / "web.jsonl", web),
-        "heldout": _write(out / "heldout.jsonl", heldout),
-        "offtarget": _write(out / "offtarget.jsonl", [{"text": t} for t in passages(shakespeare[cut:])]),
-    }
-    counts = {"reference problems": n_reference, "web documents": len(web), "model solutions right": n_right,
-              "model solutions wrong": n_wrong, "held-out problems": len(heldout)}
+    files = {"reference": _write(out / "reference.jsonl", train_set[:n_reference]),
+             "noisy": _write(out / "noisy.jsonl", noisy),
+             "general": _write(out / "general.jsonl", general),
+             "heldout": _write(out / "heldout.jsonl", [p for p in test_set if p["question"] in heldout_questions]),
+             "offtarget": _write(out / "offtarget.jsonl", [{"text": t} for t in _passages(shakespeare[b:])])}
+    counts = {"noisy documents": len(noisy), **{f"noisy {s}": sum(d["source"] == s for d in noisy) for s in
+                                                ("gsm8k", "solution_right", "solution_wrong", "shakespeare", "code")},
+              "general documents": len(general), "held-out problems": sum(1 for _ in open(files["heldout"]))}
     return files, counts
+
+
+def prepare_stores(files: dict, out: Path, vocab: int) -> dict:
+    noisy = prepare(PrepareConfig([str(files["noisy"])], str(out / "noisy"), train_tokenizer=vocab,
+                                  label_field="source", overwrite=True), progress=False)
+    tok = dict(tokenizer=str(noisy.path), overwrite=True)
+    math = dict(template=QA_TEMPLATE, target_field="answer", **tok)
+    return {"noisy": noisy,
+            "reference": prepare(PrepareConfig([str(files["reference"])], str(out / "reference"), **math), False),
+            "heldout": prepare(PrepareConfig([str(files["heldout"])], str(out / "heldout"), **math), False),
+            "general": prepare(PrepareConfig([str(files["general"])], str(out / "general"), **tok), False),
+            "offtarget": prepare(PrepareConfig([str(files["offtarget"])], str(out / "offtarget"), **tok), False)}
+
+
+def document_filter(stores: dict, start_model: str, scores: ScoreStore, noisy_file: Path, out: Path, ratio: float,
+                    seq_len: int) -> TokenStore:
+    """The documents with the highest mean excess loss under ``start_model``, ``ratio`` of the tokens, as a store."""
+    store = stores["noisy"]
+    model = load_model(start_model)
+    learner = token_losses(model, store, seq_len, 32, head_of=linear_head_of(model, store, seq_len))
+    excess = learner - np.asarray(scores.scores, np.float32)
+    offsets = store.doc_offsets
+    means = np.array([np.nanmean(excess[a:b]) if np.isfinite(excess[a:b]).any() else -np.inf
+                      for a, b in zip(offsets[:-1], offsets[1:])])
+    lengths = np.diff(offsets)
+    keep, kept = [], 0
+    for doc in np.argsort(-means, kind="stable"):
+        if kept >= ratio * store.n_tokens:
+            break
+        keep.append(int(doc))
+        kept += int(lengths[doc])
+    records = _jsonl(noisy_file)
+    path = _write(out / "filtered.jsonl", [records[i] for i in sorted(keep)])
+    return prepare(PrepareConfig([str(path)], str(out / "filtered"), tokenizer=str(store.path), label_field="source",
+                                 overwrite=True), progress=False)
+
+
+def run_setting(setting: str, preset: str, seed: int, stores: dict, files: dict, args, out: Path,
+                ratios: list[float]) -> dict:
+    times, start = {}, time.time()
+
+    def stage(name):
+        nonlocal start
+        times[name] = round(time.time() - start, 1)
+        start = time.time()
+
+    common = TrainConfig(model_preset=preset, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, seed=seed,
+                         log_every=10, threads=args.threads)
+    if setting == "B":
+        train(replace(common, data=str(stores["general"].path), out=str(out / "base"), max_tokens=args.base_tokens,
+                      seed=seed + 1000), progress=False)
+        common = replace(common, model=str(out / "base" / "final"))
+        stage("base")
+        start_model = str(out / "base" / "final")
+    else:
+        start_model = str(out / "initial")
+        build_model(preset, stores["noisy"].vocab_size, 2048, stores["noisy"].manifest["eos_token_id"],
+                    seed=seed).save_pretrained(start_model)
+        stores["noisy"].tokenizer().save_pretrained(start_model)
+    train(replace(common, data=str(stores["reference"].path), out=str(out / "reference"),
+                  max_tokens=args.reference_tokens), progress=False)
+    stage("reference")
+    ref = str(out / "reference" / "final")
+    scores = {name: score(ScoreConfig(str(stores[name].path), ref, str(out / f"scores-{name}"), args.seq_len,
+                                      threads=args.threads), progress=False) for name in ("noisy", "heldout")}
+    stage("score")
+    step = args.batch_size * args.seq_len
+    run = replace(common, data=str(stores["noisy"].path), scores=str(scores["noisy"].path), max_tokens=args.train_tokens,
+                  eval_every=max(step, args.train_tokens // 12 // step * step),
+                  eval_data=[str(stores["heldout"].path), str(stores["offtarget"].path)],
+                  eval_scores=[str(scores["heldout"].path), ""])
+    methods = {"clm": dict(objective="clm"), "slm": dict(objective="slm", ratio=0.6),
+               "random": dict(objective="slm", ratio=0.6, score="random"),
+               **{f"slm-{r:g}": dict(objective="slm", ratio=r) for r in ratios if r != 0.6}}
+    summaries = {}
+    for name, kw in methods.items():
+        summaries[name] = train(replace(run, out=str(out / name), **kw), progress=False)
+        stage(name)
+    filtered = document_filter(stores, start_model, scores["noisy"], files["noisy"], out, 0.6, args.seq_len)
+    summaries["document"] = train(replace(run, data=str(filtered.path), scores=None, out=str(out / "document"),
+                                          objective="clm"), progress=False)
+    stage("document")
+    curves = {name: read_curve(out / name / "metrics.jsonl", TARGET) for name in summaries}
+    result = {"setting": setting, "preset": preset, "seed": seed, "parameters": summaries["clm"]["parameters"],
+              "tokens": summaries["clm"]["tokens"], "seconds": times,
+              "target_loss": {n: s[TARGET] for n, s in summaries.items()},
+              "offtarget_loss": {n: s[OFF] for n, s in summaries.items()},
+              "efficiency": {}, "reached": {}, "selected_share": selected_shares(out / "slm")}
+    for name in summaries:
+        if name != "clm":
+            result["efficiency"][name], result["reached"][name] = token_efficiency(curves["clm"], curves[name])
+    return result
+
+
+def selected_shares(run: Path) -> dict:
+    """Share of each source's tokens SLM selected over the whole run (token-weighted)."""
+    totals: dict[str, list[float]] = {}
+    for line in open(run / "metrics.jsonl"):
+        r = json.loads(line)
+        for key, value in r.items():
+            if key.startswith("label/") and key.endswith("/tokens") and value:
+                name = key.split("/")[1]
+                t = totals.setdefault(name, [0.0, 0.0])
+                t[0] += value
+                t[1] += value * r[f"label/{name}/frac_selected"]
+    return {name: sel / tok for name, (tok, sel) in sorted(totals.items())}
+
+
+def report(results: list[dict]) -> dict:
+    table = {}
+    for setting in sorted({r["setting"] for r in results}):
+        for preset in sorted({r["preset"] for r in results}):
+            rows = [r for r in results if r["setting"] == setting and r["preset"] == preset]
+            if not rows:
+                continue
+            methods = [m for m in rows[0]["efficiency"]]
+            line = {m: {"median": statistics.median(r["efficiency"][m] for r in rows),
+                        "min": min(r["efficiency"][m] for r in rows), "max": max(r["efficiency"][m] for r in rows)}
+                    for m in methods}
+            table[f"{setting}/{preset}"] = line
+            print(f"\nsetting {setting}, {preset} ({rows[0]['parameters'] / 1e6:.1f}M parameters, "
+                  f"{rows[0]['tokens']:,} tokens per run), {len(rows)} seed(s): token efficiency against CLM")
+            for m in methods:
+                print(f"  {m:<10} median {line[m]['median']:.2f}x  (min {line[m]['min']:.2f}x, max {line[m]['max']:.2f}x)"
+                      "  per seed: " + ", ".join(format_efficiency(r["efficiency"][m], r["reached"][m]) for r in rows))
+            for r in rows:
+                print(f"  seed {r['seed']}: target loss " + " ".join(f"{n} {v:.4f}" for n, v in r["target_loss"].items())
+                      + "; off-target " + " ".join(f"{n} {v:.4f}" for n, v in r["offtarget_loss"].items()))
+                print("           SLM keeps " + ", ".join(f"{n} {v:.0%}" for n, v in r["selected_share"].items())
+                      + "; seconds " + ", ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items()))
+    return table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--train-tokens", type=int, default=500_000)
-    parser.add_argument("--out", default="runs/bench-real")
     add_data_dir(parser)
+    parser.add_argument("--settings", nargs="+", default=["A", "B"], choices=["A", "B"])
+    parser.add_argument("--presets", nargs="+", default=["small"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--train-tokens", type=int, default=1_200_000)
+    parser.add_argument("--reference-tokens", type=int, default=600_000)
+    parser.add_argument("--base-tokens", type=int, default=1_200_000)
+    parser.add_argument("--ratios", type=float, nargs="*", default=[0.4, 0.8], help="extra SLM ratios, first seed")
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--out", default="runs/bench-real")
     args = parser.parse_args()
     data_dir = check_data_dir(args.data_dir)
+    import transformers
+
     transformers.utils.logging.disable_progress_bar()
     out = Path(args.out)
     files, counts = build_corpora(data_dir, out / "data")
-    print("corpora: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()), flush=True)
-    rows = []
-    for seed in args.seeds:
-        cfg = replace(DemoConfig(), out=str(out / f"seed{seed}"), seed=seed, train_tokens=args.train_tokens)
-        s = compare(files, cfg, progress=False)
-        rows.append(s)
-        t = s["final_target_loss"]
-        print(f"seed {seed}: SLM {s['token_efficiency']:.2f}x{'' if s['slm_reached_clm_loss'] else ' (never reached)'}"
-              f", random {s['random_token_efficiency']:.2f}x{'' if s['random_reached_clm_loss'] else ' (never reached)'}"
-              f"; target loss CLM {t['clm']:.4f} SLM {t['slm']:.4f} random {t['random']:.4f}; off-target loss "
-              f"CLM {s['final_offtarget_loss']['clm']:.4f} SLM {s['final_offtarget_loss']['slm']:.4f}; answer accuracy "
-              + " ".join(f"{k} {v:.1%}" for k, v in s["answer_accuracy"].items()), flush=True)
-    median = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
-    print(f"median over {len(rows)} seeds: SLM token efficiency {median('token_efficiency'):.2f}x, "
-          f"random-60% {median('random_token_efficiency'):.2f}x")
-    (out / "result.json").write_text(json.dumps({"counts": counts, "runs": rows}, indent=2, default=str))
+    stores = prepare_stores(files, out / "stores", args.vocab)
+    print("corpora: " + ", ".join(f"{k} {v:,}" for k, v in counts.items())
+          + f"; noisy tokens {stores['noisy'].n_tokens:,}", flush=True)
+    results = []
+    for preset in args.presets:
+        for setting in args.settings:
+            for i, seed in enumerate(args.seeds):
+                r = run_setting(setting, preset, seed, stores, files, args, out / f"{setting}-{preset}-seed{seed}",
+                                args.ratios if i == 0 else [])
+                results.append(r)
+                print(f"{setting}/{preset}/seed {seed}: " + ", ".join(
+                    f"{m} {format_efficiency(e, r['reached'][m])}" for m, e in r["efficiency"].items()), flush=True)
+                (out / "result.json").write_text(json.dumps({"counts": counts, "args": vars(args) | {
+                    "data_dir": str(data_dir)}, "runs": results}, indent=2, default=str))
+    table = report(results)
+    (out / "result.json").write_text(json.dumps({"counts": counts, "args": vars(args) | {"data_dir": str(data_dir)},
+                                                 "runs": results, "table": table}, indent=2, default=str))
+    print(f"\n{out / 'result.json'}", file=sys.stderr)
 
 
 if __name__ == "__main__":
