@@ -301,7 +301,7 @@ def train_step(run: Run, step: int) -> StepResult:
         group["lr"] = lr
     micro = step_batches(run, step)
     n_valid = sum(float(valid_mask(b.labels, b.ref_loss if run.selecting else None).sum()) for b in micro)
-    n_valid = acc.reduce(torch.tensor(max(n_valid, 1.0), device=acc.device), "sum")  # a tensor, as it always was
+    n_valid = acc.reduce(torch.tensor(n_valid, device=acc.device), "sum").clamp(min=1.0)  # a tensor, as always
     result = StepResult(lr, torch.zeros((), device=acc.device))
     n_selected = torch.zeros((), device=acc.device)
     for m, batch in enumerate(micro):
