@@ -3,8 +3,8 @@
 torch's OpenMP threads wait for each other at the end of every parallel region, spinning while they
 wait. When another busy process holds one of the cores, the thread that shares that core is descheduled
 for a whole time slice while its partner spins, at every one of the thousands of small parallel regions
-of a training step: on 2 cores with another torch job running, `rho1 train` (nano) took 18.5 s with
-2 threads and 1.1 s with 1 (benchmarks/threads.py). So by default rho1 uses only the cores that are
+of a training step: on 2 cores with another torch job running, `rho1 train` (nano) took 55 s with
+2 threads and 1.4 s with 1 (benchmarks/threads.py). So by default rho1 uses only the cores that are
 idle when it starts (measured over 0.2 s from /proc/stat), and all of them on an idle machine, where
 2 threads are 1.7x faster than 1 for the demo's model. ``--threads N`` (or OMP_NUM_THREADS, which
 torchrun and accelerate launch set per process) decides instead.
