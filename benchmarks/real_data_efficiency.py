@@ -2,7 +2,7 @@
 in two settings, over seeds, with the share of each source SLM keeps.
 
     .venv/bin/python benchmarks/real_data_efficiency.py [--data-dir ../shared/data] [--settings A B]
-        [--presets small] [--seeds 0 1 2] [--train-tokens 1200000] [--ratios 0.4 0.8] [--out runs/bench-real]
+        [--presets small] [--seeds 0 1 2] [--train-tokens 1200000] [--levers ratio=0.4 ratio=0.8 ...] [--out runs/bench-real]
 
 Corpora (GSM8K and Tiny Shakespeare from --data-dir; Python source code from packages installed here):
   reference  GSM8K train problems 0-3999 with their worked answers (clean, target domain);
@@ -20,7 +20,8 @@ from a fresh model. Setting B (continual, as in the paper): a base is pretrained
 reference is the base trained further on the clean math; every method continues from the base.
 Methods at the same budget and data order: CLM, SLM (top 60% by excess loss), random 60%, and the filter a
 user would try first: the documents with the highest mean excess loss under the starting model, 60% of the
-tokens, trained on with CLM. With --ratios, SLM at those ratios too (first seed only).
+tokens, trained on with CLM. With --levers, more SLM runs at the first seed, each with one change to the recipe: ratio,
+learning rate (against a CLM at the same rate), selection scope, a reference trained longer or larger.
 Prints token efficiency against CLM (median, min, max over seeds), final target and off-target losses, the
 share of each source SLM selects, and writes everything with stage times to OUT/result.json.
 """
@@ -149,8 +150,22 @@ def document_filter(stores: dict, start_model: str, scores: ScoreStore, noisy_fi
                                  overwrite=True), progress=False)
 
 
+LEVERS = {"ratio": float, "lr": float, "selection_scope": str, "reference_tokens": int, "reference_preset": str}
+
+
+def parse_lever(text: str) -> dict:
+    """``ratio=0.8`` or ``reference_tokens=2400000,reference_preset=medium``: one SLM run with those changes."""
+    lever = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key not in LEVERS or not value:
+            raise SystemExit(f"lever {text!r}: use key=value with a key among {', '.join(LEVERS)}")
+        lever[key] = LEVERS[key](value)
+    return lever
+
+
 def run_setting(setting: str, preset: str, seed: int, stores: dict, files: dict, args, out: Path,
-                ratios: list[float]) -> dict:
+                levers: list[str]) -> dict:
     times, start = {}, time.time()
 
     def stage(name):
@@ -171,39 +186,80 @@ def run_setting(setting: str, preset: str, seed: int, stores: dict, files: dict,
         build_model(preset, stores["noisy"].vocab_size, 2048, stores["noisy"].manifest["eos_token_id"],
                     seed=seed).save_pretrained(start_model)
         stores["noisy"].tokenizer().save_pretrained(start_model)
-    train(replace(common, data=str(stores["reference"].path), out=str(out / "reference"),
-                  max_tokens=args.reference_tokens), progress=False)
-    stage("reference")
-    ref = str(out / "reference" / "final")
-    scores = {name: score(ScoreConfig(str(stores[name].path), ref, str(out / f"scores-{name}"), args.seq_len,
-                                      threads=args.threads), progress=False) for name in ("noisy", "heldout")}
-    stage("score")
+    references: dict[tuple, dict] = {}
+
+    def reference(ref_preset: str, tokens: int) -> dict:
+        """Train a reference (B: from the base, so only at the learner's size) and score the stores with it."""
+        key = (ref_preset, tokens)
+        if key not in references:
+            name = "reference" if key == (args.reference_preset or preset, args.reference_tokens) else \
+                f"reference-{ref_preset}-{tokens}"
+            cfg = replace(common, data=str(stores["reference"].path), out=str(out / name), max_tokens=tokens)
+            if ref_preset != preset:
+                if setting == "B":
+                    raise SystemExit("setting B continues the reference from the base: a larger reference needs a "
+                                     "base of its size; use reference_preset in setting A only")
+                cfg = replace(cfg, model_preset=ref_preset)
+            train(cfg, progress=False)
+            ref = str(out / name / "final")
+            references[key] = {s: score(ScoreConfig(str(stores[s].path), ref, str(out / f"scores-{s}" if name ==
+                                                                                 "reference" else out / name / s),
+                                                    args.seq_len, threads=args.threads), progress=False)
+                               for s in ("noisy", "heldout")}
+            stage(name)
+        return references[key]
+
+    scores = reference(args.reference_preset or preset, args.reference_tokens)
     step = args.batch_size * args.seq_len
     run = replace(common, data=str(stores["noisy"].path), scores=str(scores["noisy"].path), max_tokens=args.train_tokens,
                   eval_every=max(step, args.train_tokens // 12 // step * step),
                   eval_data=[str(stores["heldout"].path), str(stores["offtarget"].path)],
                   eval_scores=[str(scores["heldout"].path), ""])
-    methods = {"clm": dict(objective="clm"), "slm": dict(objective="slm", ratio=0.6),
-               "random": dict(objective="slm", ratio=0.6, score="random"),
-               **{f"slm-{r:g}": dict(objective="slm", ratio=r) for r in ratios if r != 0.6}}
-    summaries = {}
-    for name, kw in methods.items():
-        summaries[name] = train(replace(run, out=str(out / name), **kw), progress=False)
+    methods = {"clm": dict(objective="clm"), "slm": dict(objective="slm", ratio=args.ratio),
+               "random": dict(objective="slm", ratio=args.ratio, score="random")}
+    summaries, folders, baseline = {}, {}, {}
+
+    def run_method(name: str, cfg: TrainConfig, folder: str | None = None) -> None:
+        folders[name] = out / (folder or name)
+        summaries[name] = train(replace(cfg, out=str(folders[name])), progress=False)
         stage(name)
-    filtered = document_filter(stores, start_model, scores["noisy"], files["noisy"], out, 0.6, args.seq_len)
-    summaries["document"] = train(replace(run, data=str(filtered.path), scores=None, out=str(out / "document"),
-                                          objective="clm"), progress=False)
-    stage("document")
-    curves = {name: read_curve(out / name / "metrics.jsonl", TARGET) for name in summaries}
+
+    for name, kw in methods.items():
+        run_method(name, replace(run, **kw))
+    filtered = document_filter(stores, start_model, scores["noisy"], files["noisy"], out, args.ratio, args.seq_len)
+    run_method("document", replace(run, data=str(filtered.path), scores=None, objective="clm"))
+    for text in levers:  # one SLM run per lever; a learning-rate lever gets its own CLM to compare against
+        lever = parse_lever(text)
+        ref = reference(lever.pop("reference_preset", args.reference_preset or preset),
+                        lever.pop("reference_tokens", args.reference_tokens))
+        cfg = replace(run, scores=str(ref["noisy"].path), eval_scores=[str(ref["heldout"].path), ""],
+                      objective="slm", ratio=args.ratio)
+        if "lr" in lever:
+            baseline[text] = f"clm-lr{lever['lr']:g}"
+            if baseline[text] not in summaries:
+                run_method(baseline[text], replace(run, objective="clm", lr=lever["lr"]))
+        run_method(text, replace(cfg, **lever), folder="lever-" + text.replace("=", "-").replace(",", "_"))
+    curves = {name: read_curve(folders[name] / "metrics.jsonl", TARGET) for name in summaries}
     result = {"setting": setting, "preset": preset, "seed": seed, "parameters": summaries["clm"]["parameters"],
               "tokens": summaries["clm"]["tokens"], "seconds": times,
               "target_loss": {n: s[TARGET] for n, s in summaries.items()},
               "offtarget_loss": {n: s[OFF] for n, s in summaries.items()},
-              "efficiency": {}, "reached": {}, "selected_share": selected_shares(out / "slm")}
+              "reference_target_loss": {f"{p}/{t}": reference_loss(r["heldout"], stores["heldout"])
+                                        for (p, t), r in references.items()},
+              "efficiency": {}, "reached": {}, "baseline": baseline,
+              "selected_share": {n: selected_shares(folders[n]) for n in summaries
+                                 if n not in ("clm", "document") and not n.startswith("clm-")}}
     for name in summaries:
-        if name != "clm":
-            result["efficiency"][name], result["reached"][name] = token_efficiency(curves["clm"], curves[name])
+        if name != "clm" and not name.startswith("clm-"):
+            base = curves[baseline.get(name, "clm")]
+            result["efficiency"][name], result["reached"][name] = token_efficiency(base, curves[name])
     return result
+
+
+def reference_loss(scores: ScoreStore, store: TokenStore) -> float:
+    """The reference's mean loss on the held-out target tokens: what the learner can be steered towards."""
+    mask = np.asarray(store.target_mask, bool)
+    return float(np.nanmean(np.asarray(scores.scores, np.float32)[mask]))
 
 
 def selected_shares(run: Path) -> dict:
@@ -227,7 +283,7 @@ def report(results: list[dict]) -> dict:
             rows = [r for r in results if r["setting"] == setting and r["preset"] == preset]
             if not rows:
                 continue
-            methods = [m for m in rows[0]["efficiency"]]
+            methods = [m for m in rows[0]["efficiency"] if all(m in r["efficiency"] for r in rows)]
             line = {m: {"median": statistics.median(r["efficiency"][m] for r in rows),
                         "min": min(r["efficiency"][m] for r in rows), "max": max(r["efficiency"][m] for r in rows)}
                     for m in methods}
@@ -238,10 +294,17 @@ def report(results: list[dict]) -> dict:
                 print(f"  {m:<10} median {line[m]['median']:.2f}x  (min {line[m]['min']:.2f}x, max {line[m]['max']:.2f}x)"
                       "  per seed: " + ", ".join(format_efficiency(r["efficiency"][m], r["reached"][m]) for r in rows))
             for r in rows:
+                levers = [m for m in r["efficiency"] if m not in methods]
+                if levers:
+                    print(f"  levers, seed {r['seed']}: " + ", ".join(
+                        f"{m} {format_efficiency(r['efficiency'][m], r['reached'][m])}" for m in levers))
                 print(f"  seed {r['seed']}: target loss " + " ".join(f"{n} {v:.4f}" for n, v in r["target_loss"].items())
-                      + "; off-target " + " ".join(f"{n} {v:.4f}" for n, v in r["offtarget_loss"].items()))
-                print("           SLM keeps " + ", ".join(f"{n} {v:.0%}" for n, v in r["selected_share"].items())
-                      + "; seconds " + ", ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items()))
+                      + "; off-target " + " ".join(f"{n} {v:.4f}" for n, v in r["offtarget_loss"].items())
+                      + "; reference's target loss " + " ".join(f"{n} {v:.4f}" for n, v in
+                                                                r["reference_target_loss"].items()))
+                for name, shares in r["selected_share"].items():
+                    print(f"  {name} keeps " + ", ".join(f"{n} {v:.0%}" for n, v in shares.items()))
+                print("  seconds " + ", ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items()))
     return table
 
 
@@ -253,8 +316,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--train-tokens", type=int, default=1_200_000)
     parser.add_argument("--reference-tokens", type=int, default=600_000)
+    parser.add_argument("--reference-preset", help="a larger reference than the learner (setting A; default: the same)")
+    parser.add_argument("--ratio", type=float, default=0.6, help="the ratio of SLM, random and the document filter")
     parser.add_argument("--base-tokens", type=int, default=1_200_000)
-    parser.add_argument("--ratios", type=float, nargs="*", default=[0.4, 0.8], help="extra SLM ratios, first seed")
+    parser.add_argument("--levers", nargs="*", default=["ratio=0.4", "ratio=0.8"],
+                        help="extra SLM runs at the first seed, each key=value[,key=value] over "
+                             f"{', '.join(LEVERS)} (lr also reruns CLM at that rate)")
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -276,7 +343,7 @@ def main() -> None:
         for setting in args.settings:
             for i, seed in enumerate(args.seeds):
                 r = run_setting(setting, preset, seed, stores, files, args, out / f"{setting}-{preset}-seed{seed}",
-                                args.ratios if i == 0 else [])
+                                args.levers if i == 0 else [])
                 results.append(r)
                 print(f"{setting}/{preset}/seed {seed}: " + ", ".join(
                     f"{m} {format_efficiency(e, r['reached'][m])}" for m, e in r["efficiency"].items()), flush=True)
