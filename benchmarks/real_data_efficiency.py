@@ -131,7 +131,9 @@ def document_filter(stores: dict, start_model: str, scores: ScoreStore, noisy_fi
                     seq_len: int) -> TokenStore:
     """The documents with the highest mean excess loss under ``start_model``, ``ratio`` of the tokens, as a store."""
     store = stores["noisy"]
-    model = load_model(start_model)
+    import torch
+
+    model = load_model(start_model).to("cuda" if torch.cuda.is_available() else "cpu")
     learner = token_losses(model, store, seq_len, 32, head_of=linear_head_of(model, store, seq_len))
     excess = learner - np.asarray(scores.scores, np.float32)
     offsets = store.doc_offsets
@@ -174,7 +176,7 @@ def run_setting(setting: str, preset: str, seed: int, stores: dict, files: dict,
         start = time.time()
 
     common = TrainConfig(model_preset=preset, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, seed=seed,
-                         log_every=10, threads=args.threads)
+                         log_every=10, threads=args.threads, precision=args.precision)
     if setting == "B":
         train(replace(common, data=str(stores["general"].path), out=str(out / "base"), max_tokens=args.base_tokens,
                       seed=seed + 1000), progress=False)
@@ -204,7 +206,8 @@ def run_setting(setting: str, preset: str, seed: int, stores: dict, files: dict,
             ref = str(out / name / "final")
             references[key] = {s: score(ScoreConfig(str(stores[s].path), ref, str(out / f"scores-{s}" if name ==
                                                                                  "reference" else out / name / s),
-                                                    args.seq_len, threads=args.threads), progress=False)
+                                                    args.seq_len, precision=args.precision, threads=args.threads),
+                                        progress=False)
                                for s in ("noisy", "heldout")}
             stage(name)
         return references[key]
@@ -327,6 +330,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"], help="bf16 on a GPU")
     parser.add_argument("--out", default="runs/bench-real")
     args = parser.parse_args()
     data_dir = check_data_dir(args.data_dir)

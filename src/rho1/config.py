@@ -16,11 +16,12 @@ from pathlib import Path
 from rho1.selection.scores import SCORES
 
 PRECISIONS = ("no", "bf16", "fp16")
-MODEL_PRESETS = {  # sized for CPU: nano for tests (seconds), tiny for the demo, small and medium for benchmarks
+MODEL_PRESETS = {  # nano for tests (seconds), tiny for the demo, small and medium for CPU benchmarks, large for a GPU
     "nano": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
     "tiny": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=384),
     "small": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512),
     "medium": dict(hidden_size=320, num_hidden_layers=6, num_attention_heads=5, intermediate_size=896),  # ~9M
+    "large": dict(hidden_size=640, num_hidden_layers=10, num_attention_heads=10, intermediate_size=1728),  # ~55M
 }
 
 
