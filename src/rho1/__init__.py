@@ -1,7 +1,8 @@
 """rho1: Selective Language Modeling (Rho-1, NeurIPS 2024) on Hugging Face models."""
 
 __version__ = "0.1.0"
-__all__ = ["selective_loss", "select_from_token_loss", "Selection", "SCORES", "register_score", "__version__"]
+__all__ = ["selective_loss", "select_from_token_loss", "Selection", "SCORES", "register_score", "RULES",
+           "register_rule", "__version__"]
 
 
 def __getattr__(name: str):

@@ -69,9 +69,11 @@ VERBS = {  # verb: (config, help)
     "prepare": (C.PrepareConfig, "tokenize text sources into a TokenStore"),
     "score": (C.ScoreConfig, "reference losses of every token of a TokenStore -> ScoreStore"),
     "train": (C.TrainConfig, "train a causal LM with the CLM or SLM objective"),
+    "export": (C.ExportConfig, "static selection for any trainer: windows with labels -100 on dropped tokens (Parquet, "
+               "datasets)"),
     "eval": (C.EvalConfig, "held-out loss of a model (all / target / selected / unselected tokens) and math answer "
              "accuracy"),
-    "sweep": (C.SweepConfig, "SLM at several ratios and with each score function; table and plot (Fig. 9)"),
+    "sweep": (C.SweepConfig, "SLM at several ratios, with each score function and rule; table and plot (Fig. 9)"),
     "dynamics": (C.DynamicsConfig, "per-token held-out losses over a run's checkpoints and the four classes"),
     "view": (C.ViewConfig, "HTML page of text with each token coloured by its selection"),
     "report": (C.ReportConfig, "one self-contained HTML file comparing runs"),
@@ -85,8 +87,8 @@ def parser() -> argparse.ArgumentParser:
     for verb, (config_cls, help_text) in VERBS.items():
         p = sub.add_parser(verb, help=help_text, description=help_text)
         add_config_options(p, config_cls)
-        if verb == "sweep":  # and every `rho1 train` option but the two the sweep sets itself
-            add_config_options(p, C.TrainConfig, skip=("out", "objective"))
+        if verb == "sweep":  # and every `rho1 train` option but those the sweep sets itself
+            add_config_options(p, C.TrainConfig, skip=("out", "objective", "rule"))
         if verb == "view":
             p.add_argument("--run", help="instead of --model: the run's checkpoints at 0/33/66/100%% of training")
         if verb == "demo":
@@ -130,6 +132,10 @@ def run_stage(command: str, cfg, args: argparse.Namespace):
         from rho1.score import score
 
         return score(cfg)
+    if command == "export":
+        from rho1.export import export
+
+        return export(cfg)
     if command == "eval":
         from rho1.eval.heldout import evaluate_model
 

@@ -13,6 +13,7 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
+from rho1.selection.rules import RULES
 from rho1.selection.scores import SCORES
 
 PRECISIONS = ("no", "bf16", "fp16")
@@ -69,6 +70,19 @@ def opt(default=MISSING, help: str = "", *, factory=None, **cli):
 
 def _scores() -> tuple[str, ...]:
     return tuple(SCORES)
+
+
+def _rules() -> tuple[str, ...]:
+    return tuple(RULES)
+
+
+def check_rule_options(rule: str, temperature: float, threshold: float) -> None:
+    check_choice("rule", rule, tuple(RULES))
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"--temperature must be a positive number, got {temperature}; e.g. 0.25 (towards 0 the soft "
+                         "rule becomes topk)")
+    if not math.isfinite(threshold):
+        raise ValueError(f"--threshold must be a finite number of nats, got {threshold}")
 
 
 @dataclass
@@ -131,6 +145,10 @@ class TrainConfig:
                      "or your own, see rho1.register_score)", choices=_scores)
     selection_scope: str = opt("micro", "rank each process's micro-batch (micro) or the same micro-batch of every "
                                "process at once (global)", choices=("micro", "global"))
+    rule: str = opt("topk", "how scores become token weights: topk (the paper's), soft, threshold, or your own "
+                    "(rho1.register_rule)", choices=_rules)
+    temperature: float = opt(0.25, "soft rule: sigmoid temperature in nats of score (towards 0 it becomes topk)")
+    threshold: float = opt(0.0, "threshold rule: keep the tokens scoring above it (nats), at most --ratio of them")
     model: str | None = opt(None, "HF causal LM name or path to start from (default: a fresh --model-preset model)")
     model_preset: str = opt("tiny", "size of the fresh model", choices=tuple(MODEL_PRESETS))
     trust_remote_code: bool = opt(False, "run a model's own code from the hub")
@@ -166,6 +184,7 @@ class TrainConfig:
         check_ratio(self.ratio)
         check_choice("score", self.score, tuple(SCORES))
         check_choice("selection_scope", self.selection_scope, ("micro", "global"))
+        check_rule_options(self.rule, self.temperature, self.threshold)
         check_choice("model_preset", self.model_preset, tuple(MODEL_PRESETS))
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("loss_impl", self.loss_impl, ("auto", "logits"))
@@ -188,6 +207,50 @@ class TrainConfig:
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    @property
+    def rule_options(self) -> dict:
+        return {"temperature": self.temperature, "threshold": self.threshold}
+
+
+@dataclass
+class ExportConfig:
+    data: str = opt("", "TokenStore to export")
+    scores: str | None = opt(None, "its ScoreStore (from `rho1 score` with the reference model)")
+    model: str = opt("", "the fixed model the excess loss is measured against: the starting model of the planned run")
+    out: str = opt("", "new folder: Parquet shards, a `datasets` folder (load_from_disk) and manifest.json",
+                   short="-o")
+    ratio: float = opt(0.6, "fraction of tokens kept, in (0, 1]")
+    score: str = opt("excess", "selection score (see rho1.register_score)", choices=_scores)
+    rule: str = opt("topk", "topk, soft, threshold or your own (rho1.register_rule)", choices=_rules)
+    temperature: float = opt(0.25, "soft rule: sigmoid temperature in nats of score")
+    threshold: float = opt(0.0, "threshold rule: keep the tokens scoring above it (nats), at most --ratio of them")
+    weights: bool = opt(False, "also write a 'weights' column (always written for a soft rule)")
+    seq_len: int = opt(256, "window length; must match the scores")
+    batch_size: int = opt(16, "windows ranked together, as one micro-batch of `rho1 train --batch-size`")
+    seed: int = opt(0, "window order, as `rho1 train --seed` (the export is written in that order)")
+    shard_windows: int = opt(8192, "windows per Parquet shard")
+    precision: str = opt("no", "compute dtype of the model's losses", choices=PRECISIONS)
+    trust_remote_code: bool = opt(False, "run a model's own code from the hub")
+    threads: int | None = opt(None, "CPU threads for torch (default: the cores idle at start)")
+
+    def check(self) -> None:
+        if not self.data or not self.model or not self.out:
+            raise ValueError("rho1 export needs --data TOKEN_STORE, --model MODEL (the run's starting model) and "
+                             "--out NEW_FOLDER (with --scores SCORE_STORE for the excess loss)")
+        check_ratio(self.ratio)
+        check_choice("score", self.score, tuple(SCORES))
+        check_rule_options(self.rule, self.temperature, self.threshold)
+        if not self.scores and SCORES[self.score].needs_reference:
+            raise ValueError(f"--score {self.score} needs reference losses; pass --scores SCORE_STORE (made by "
+                             "`rho1 score`)")
+        check_seq_len(self.seq_len)
+        check_positive(self, "seq_len", "batch_size", "shard_windows", "threads")
+        check_choice("precision", self.precision, PRECISIONS)
+
+    @property
+    def rule_options(self) -> dict:
+        return {"temperature": self.temperature, "threshold": self.threshold}
 
 
 @dataclass
@@ -242,7 +305,10 @@ class SweepConfig:
                               "runs")
     score_functions: list[str] = opt(factory=lambda: list(SCORES), help="score functions compared at "
                                      "--ablation-ratio (default: every registered one)", choices=_scores)
-    ablation_ratio: float = opt(0.6, "the ratio score functions are compared at (an excess-loss run at it is added)")
+    rules: list[str] = opt(factory=lambda: ["topk"], help="selection rules: topk at every ratio, each other rule "
+                           "(with --temperature / --threshold) at --ablation-ratio", choices=_rules)
+    ablation_ratio: float = opt(0.6, "the ratio score functions and rules are compared at (an excess-loss topk run "
+                                "at it is added)")
     target: str | None = opt(None, "eval metric compared (default: the first eval store's target_loss)")
     answers: str | None = opt(None, "GSM8K-style jsonl: also each run's few-shot answer accuracy")
     shots: int = opt(2, "exemplars per prompt, the first problems of --answers")
@@ -253,6 +319,8 @@ class SweepConfig:
             check_ratio(r)
         for s in self.score_functions:
             check_choice("score_functions", s, tuple(SCORES))
+        for r in self.rules:
+            check_rule_options(r, self.train.temperature, self.train.threshold)
         if not self.train.eval_data:
             raise ValueError("rho1 sweep compares held-out losses: pass --eval-data HELDOUT_STORE (with --eval-scores)")
         check_positive(self, "shots", "answers_limit", allow_zero=("shots",))

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from transformers import Trainer
 
+from rho1.config import check_rule_options
 from rho1.data.loader import IGNORE_INDEX
 from rho1.data.store import ScoreStore, TokenStore
 from rho1.head import head_is_linear, head_is_whole, reference_token_losses, without_head
@@ -86,18 +87,27 @@ class SelectiveCollator:
 
 class SelectiveTrainer(Trainer):
     """``transformers.Trainer`` with the SLM loss: only the top ``ratio`` of tokens by ``score`` (default
-    excess loss = learner loss - reference loss) contribute. ``ratio=1`` is the ordinary causal LM loss."""
+    excess loss = learner loss - reference loss) contribute. ``ratio=1`` is the ordinary causal LM loss.
+
+    ``rule`` (``topk`` by default; ``soft``, ``threshold`` or one's own, see ``rho1.register_rule``) turns the
+    scores into token weights. ``topk`` knows how many tokens it keeps before the forward, so its loss is
+    normalised over the whole optimizer step as in `rho1 train`; the other rules' loss is the weighted mean
+    of each micro-batch, averaged over accumulation steps and processes (the same as `rho1 train` with one
+    micro-batch per step and one process)."""
 
     def __init__(self, *args, ratio: float = 0.6, score: str = "excess", reference_model=None,
-                 loss_impl: str = "auto", **kwargs):
+                 loss_impl: str = "auto", rule: str = "topk", temperature: float = 0.25, threshold: float = 0.0,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.ratio, self.score = check_ratio(ratio), check_score(score)
+        check_rule_options(rule, temperature, threshold)
+        self.rule, self.rule_options = rule, {"temperature": temperature, "threshold": threshold}
         if loss_impl not in ("auto", "logits"):
             raise ValueError(f"loss_impl must be auto or logits, got {loss_impl!r}")
         self.loss_impl = loss_impl
         self._chunked_head: bool | None = None  # decided at the first batch (see _use_chunked_head)
         self.reference_model = reference_model
-        if self.ratio < 1.0 and get_score(self.score).needs_reference and not self._has_reference_losses():
+        if self._selecting and get_score(self.score).needs_reference and not self._has_reference_losses():
             raise ValueError(f"SelectiveTrainer with score={self.score!r} needs reference losses: pass "
                              "reference_model=MODEL, or data_collator=SelectiveCollator(tokenizer, scores=ScoreStore) "
                              "over a windows_dataset, or a dataset with a 'ref_loss' column")
@@ -105,6 +115,10 @@ class SelectiveTrainer(Trainer):
             reference_model.to(self.args.device).eval().requires_grad_(False)
         self._ref_head = None
         self.selection_stats: dict = {}
+
+    @property
+    def _selecting(self) -> bool:
+        return self.ratio < 1.0 or self.rule != "topk"
 
     def _has_reference_losses(self) -> bool:
         if self.reference_model is not None or getattr(self.data_collator, "scores", None) is not None:
@@ -138,7 +152,7 @@ class SelectiveTrainer(Trainer):
         """Counts the tokens selected over the whole optimizer step (every accumulated micro-batch, every
         process): the loss of each micro-batch is divided by it."""
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if num_items is None:
+        if num_items is None or self.rule != "topk":  # other rules' weights are known only after the forward
             return batches, None
         selected = 0
         for batch in batches:
@@ -171,12 +185,14 @@ class SelectiveTrainer(Trainer):
         if not return_outputs and self._use_chunked_head(inputs["input_ids"]):
             with without_head(self.accelerator.unwrap_model(model)) as weight:
                 hidden = model(**inputs).logits
-            selection = selective_linear_cross_entropy(hidden[:, :-1], weight, labels, ref, self.ratio, self.score)
+            selection = selective_linear_cross_entropy(hidden[:, :-1], weight, labels, ref, self.ratio, self.score,
+                                                       rule=self.rule, rule_options=self.rule_options)
             outputs = None
         else:
             outputs = model(**inputs)
             token_loss = token_cross_entropy(outputs.logits[:, :-1], labels)
-            selection = select_from_token_loss(token_loss, labels, ref, self.ratio, self.score)
+            selection = select_from_token_loss(token_loss, labels, ref, self.ratio, self.score, rule=self.rule,
+                                               rule_options=self.rule_options)
         self.selection_stats = selection.stats
         if num_items_in_batch is None:
             loss = selection.loss  # the mean over this micro-batch; Trainer divides by the accumulation steps

@@ -27,9 +27,9 @@ BODY = jinja2.Template("""\
 <p>{{ runs|length }} run(s); token efficiency = tokens the baseline (<b>{{ baseline }}</b>) needs to reach its own
 final {{ target_name }} divided by the tokens the run needs to reach it (dropped tokens count as seen).</p>
 <h2>Summary</h2>
-<table class="summary"><tr><th>run</th><th>objective</th><th>ratio</th><th>score</th><th>tokens</th>
+<table class="summary"><tr><th>run</th><th>objective</th><th>ratio</th><th>score</th><th>rule</th><th>tokens</th>
 {% for key in metric_names %}<th>{{ key[5:] if key.startswith("eval/") else key }}</th>{% endfor %}<th>token efficiency</th></tr>
-{% for r in rows %}<tr><td>{{ r.name }}</td><td>{{ r.objective }}</td><td>{{ r.ratio }}</td><td>{{ r.score }}</td>
+{% for r in rows %}<tr><td>{{ r.name }}</td><td>{{ r.objective }}</td><td>{{ r.ratio }}</td><td>{{ r.score }}</td><td>{{ r.rule }}</td>
 <td>{{ "{:,}".format(r.tokens) }}</td>{% for key in metric_names %}<td>{{ r.metrics.get(key, "") }}</td>{% endfor %}
 <td>{{ r.efficiency }}</td></tr>
 {% endfor %}</table>
@@ -137,6 +137,7 @@ def build_report(cfg: ReportConfig, viewer_html: str | None = None) -> tuple[str
         rows.append({"name": r["name"], "objective": r["config"].get("objective", "?"),
                      "ratio": r["config"].get("ratio") if r["config"].get("objective") == "slm" else 1.0,
                      "score": r["config"].get("score", "") if r["config"].get("objective") == "slm" else "",
+                     "rule": r["config"].get("rule", "topk") if r["config"].get("objective") == "slm" else "",
                      "tokens": last.get("tokens", 0),
                      "metrics": {k: f"{last[k]:.4f}" for k in metric_names if isinstance(last.get(k), float)},
                      "efficiency": efficiency})
@@ -149,6 +150,10 @@ def build_report(cfg: ReportConfig, viewer_html: str | None = None) -> tuple[str
         _curve_figure(runs, "frac_selected", "fraction of tokens selected per step", "fraction", "steps"),
         _curve_figure(runs, "excess_loss_selected", "mean excess loss of selected tokens per step", "nats", "steps"),
         _curve_figure(runs, "excess_loss_unselected", "mean excess loss of unselected tokens per step", "nats",
+                      "steps"),
+        _curve_figure(runs, "weight_selected", "soft rules: mean weight of the selected tokens per step", "weight",
+                      "steps"),
+        _curve_figure(runs, "weight_unselected", "soft rules: mean weight of the unselected tokens per step", "weight",
                       "steps"),
     ]
     figures = [f for f in figures if f is not None] + _label_figures(runs)

@@ -1,13 +1,15 @@
 """Token selection and the selective language modeling (SLM) loss. Pure torch, no I/O.
 
     scores.py     registry of score functions (register_score); imports no torch
-    loss.py       Selection, selective_loss, select_from_token_loss: top-k by score, the loss of the kept tokens
+    rules.py      registry of selection rules (register_rule): topk, soft, threshold; imports no torch
+    loss.py       Selection, selective_loss, select_from_token_loss: weights by rule and score, the weighted loss
     linear_ce.py  the same from the LM head's input, in chunks, without the [tokens x vocab] logits
 
 Everything is importable from here. The names from loss.py and linear_ce.py load torch on first use, so
 ``rho1.selection.scores`` (and the CLI that lists its names) stays light.
 """
 
+from rho1.selection.rules import RULES, SelectionRule, check_rule, get_rule, register_rule
 from rho1.selection.scores import SCORES, ScoreFunction, check_score, get_score, register_score
 
 _HEAVY = {
@@ -16,6 +18,7 @@ _HEAVY = {
     "linear_ce": ("chunked_cross_entropy", "default_chunk_size", "grad_chunk_size", "selective_linear_cross_entropy"),
 }
 __all__ = ["SCORES", "ScoreFunction", "check_score", "get_score", "register_score", "check_ratio",
+           "RULES", "SelectionRule", "check_rule", "get_rule", "register_rule",
            *(name for names in _HEAVY.values() for name in names)]
 
 

@@ -38,18 +38,18 @@ def _probs_minus_onehot_(logits, lse, labels):
 
 
 class _SelectedLinearCE(torch.autograd.Function):
-    """Sum of cross-entropy over the selected rows of ``hidden @ weight.T``, never holding the full logits:
-    the backward recomputes logits chunk by chunk for the selected rows only."""
+    """Weighted sum of cross-entropy over the selected rows of ``hidden @ weight.T``, never holding the full
+    logits: the backward recomputes logits chunk by chunk for the selected rows only."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, rows, labels, lse, loss_sum, chunk_size):
-        ctx.save_for_backward(hidden, weight, rows, labels, lse)
+    def forward(ctx, hidden, weight, rows, labels, lse, row_weights, loss_sum, chunk_size):
+        ctx.save_for_backward(hidden, weight, rows, labels, lse, row_weights)
         ctx.chunk_size = chunk_size or grad_chunk_size(rows.numel(), weight.shape[0], weight.shape[1])
         return loss_sum.clone()
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, rows, labels, lse = ctx.saved_tensors
+        hidden, weight, rows, labels, lse, row_weights = ctx.saved_tensors
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         buffer = torch.empty(min(ctx.chunk_size, rows.numel()), weight.shape[0], device=hidden.device)
@@ -57,15 +57,16 @@ class _SelectedLinearCE(torch.autograd.Function):
             idx = rows[start : start + ctx.chunk_size]
             h = hidden[idx]
             logits = _logits(buffer, h, weight)
+            scale = (row_weights[start : start + ctx.chunk_size] * grad_out)[:, None]
             grad_logits = _probs_minus_onehot_(logits, lse[start : start + ctx.chunk_size],
-                                               labels[start : start + ctx.chunk_size]).mul_(grad_out)
+                                               labels[start : start + ctx.chunk_size]).mul_(scale)
             if grad_hidden is not None:
                 grad_hidden[idx] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight.addmm_(grad_logits.T, h.float())
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 class _PrecomputedLinearCE(torch.autograd.Function):
@@ -130,38 +131,44 @@ def selective_linear_cross_entropy(
     chunk_size: int | None = None,
     gather=None,
     rank: int = 0,
+    rule: str = "topk",
+    rule_options: dict | None = None,
 ) -> Selection:
     """``selective_loss`` computed from the LM head's input instead of its output.
 
     ``hidden[..., d]`` are the final hidden states (``logits = hidden @ weight.T``), ``labels`` and
     ``ref_loss`` shaped like ``hidden.shape[:-1]``. Per-token losses are computed ``chunk_size`` rows at a
     time without keeping the ``[tokens x vocab]`` logits, and the backward produces gradient only through
-    the selected tokens (for hidden states and the head weight). Same selection and result as
+    the tokens with a weight (for hidden states and the head weight). Same selection and result as
     ``selective_loss(hidden @ weight.T, labels, ref_loss, ...)``; ``gather``/``rank`` as in
     ``select_from_token_loss``. At ``ratio=1`` (plain causal LM) the gradient is computed in the forward
     pass instead of recomputing the logits in the backward.
     """
-    ratio = check_inputs(ratio, score, ref_loss, labels)
+    ratio = check_inputs(ratio, score, ref_loss, labels, rule)
     if weight.dtype != hidden.dtype:  # e.g. bf16 activations from autocast and a float32 head
         weight = weight.to(hidden.dtype)
     shape = labels.shape
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
     # every valid token is kept at ratio 1, so the selected rows are known before the forward
-    every_token = ratio >= 1.0 and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    every_token = ratio >= 1.0 and rule == "topk" and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     valid = valid_mask(flat_labels, None if ref_loss is None else ref_loss.reshape(-1), ignore_index)
     forward_chunk = chunk_size or (grad_chunk_size(len(valid), weight.shape[0], weight.shape[1]) if every_token
                                    else default_chunk_size(hidden.device))
     token_loss, lse, grad_hidden, grad_weight = chunked_cross_entropy(flat_hidden, weight, flat_labels, ignore_index,
                                                                       forward_chunk, valid if every_token else None)
     token_loss = token_loss.view(shape)
-    picked = select_from_token_loss(token_loss, labels, ref_loss, ratio, score, ignore_index, generator, gather, rank)
+    picked = select_from_token_loss(token_loss, labels, ref_loss, ratio, score, ignore_index, generator, gather, rank,
+                                    rule, rule_options)
     if every_token:
         loss_sum = _PrecomputedLinearCE.apply(flat_hidden, weight, token_loss.reshape(-1)[valid].sum(),
                                               grad_hidden, grad_weight)
     else:
-        rows = picked.mask.reshape(-1).nonzero(as_tuple=True)[0]
-        loss_sum = _SelectedLinearCE.apply(flat_hidden, weight, rows, flat_labels[rows], lse[rows],
-                                           token_loss.reshape(-1)[rows].sum(), chunk_size)
-    return Selection(loss_sum / max(picked.n_selected, 1), loss_sum, picked.mask, picked.n_selected, picked.n_valid,
-                     token_loss, picked.stats)
+        row_weights = picked.weights.reshape(-1)
+        rows = (row_weights > 0).nonzero(as_tuple=True)[0]
+        row_weights = row_weights[rows]
+        loss_sum = _SelectedLinearCE.apply(flat_hidden, weight, rows, flat_labels[rows], lse[rows], row_weights,
+                                           (token_loss.reshape(-1)[rows] * row_weights).sum(), chunk_size)
+    loss = loss_sum / picked.n_selected if picked.n_selected > 0 else loss_sum * 0.0
+    return Selection(loss, loss_sum, picked.mask, picked.n_selected, picked.n_valid, token_loss, picked.stats,
+                     picked.weights)

@@ -3,7 +3,8 @@
 The paper's loss (Rho-1, eq. 2): rank the tokens of a batch by excess loss
 ``L_theta(x_i) - L_ref(x_i)`` (or another registered score), keep the top ``ratio`` of them, and take
 the mean cross-entropy over the kept tokens. Every other token is still fed forward, it just
-contributes no loss.
+contributes no loss. Other selection rules (``rho1.selection.rules``) give each token a weight in [0, 1]
+instead; the loss is then the weighted mean.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from rho1.config import check_ratio
+from rho1.selection.rules import get_rule
 from rho1.selection.scores import get_score
 
 
@@ -52,19 +54,21 @@ def select_top(scores: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tenso
 class Selection:
     """What ``selective_loss`` returns.
 
-    ``loss``: mean cross-entropy over the selected tokens (differentiable).
-    ``loss_sum``: the same sum before dividing, for normalising over several micro-batches.
-    ``mask``: bool, the selected tokens. ``token_loss``: per-token cross-entropy (detached).
-    ``stats``: plain floats for logging.
+    ``loss``: weighted mean cross-entropy over the selected tokens (differentiable).
+    ``loss_sum``: the weighted sum before dividing, for normalising over several micro-batches.
+    ``mask``: bool, the selected tokens (weight at least 0.5). ``weights``: float32 per token (0/1 for
+    hard rules). ``n_selected``: the sum of weights (the number selected for hard rules).
+    ``token_loss``: per-token cross-entropy (detached). ``stats``: plain floats for logging.
     """
 
     loss: torch.Tensor
     loss_sum: torch.Tensor
     mask: torch.Tensor
-    n_selected: int
+    n_selected: float
     n_valid: int
     token_loss: torch.Tensor
     stats: dict = field(default_factory=dict)
+    weights: torch.Tensor | None = None
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -74,14 +78,17 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     ).view_as(labels)
 
 
-def selection_stats(token_loss, ref_loss, mask, valid) -> dict:
-    """Fraction selected and mean learner / reference / excess loss on selected and unselected tokens."""
+def selection_stats(token_loss, ref_loss, mask, valid, weights=None) -> dict:
+    """Fraction selected and mean learner / reference / excess loss on selected and unselected tokens (and,
+    with soft ``weights``, the mean weight of each)."""
     token_loss = token_loss.detach().float()
     unselected = valid & ~mask
     n_valid = int(valid.sum())
     stats = {"frac_selected": float(mask.sum()) / n_valid if n_valid else 0.0}
     for name, part in (("selected", mask), ("unselected", unselected)):
         n = int(part.sum())
+        if weights is not None:
+            stats[f"weight_{name}"] = float(weights[part].mean()) if n else float("nan")
         stats[f"learner_loss_{name}"] = float(token_loss[part].mean()) if n else float("nan")
         if ref_loss is not None:
             ref = ref_loss.detach().float()[part]
@@ -90,9 +97,11 @@ def selection_stats(token_loss, ref_loss, mask, valid) -> dict:
     return stats
 
 
-def check_inputs(ratio: float, score: str, ref_loss: torch.Tensor | None, labels: torch.Tensor) -> float:
+def check_inputs(ratio: float, score: str, ref_loss: torch.Tensor | None, labels: torch.Tensor,
+                 rule: str = "topk") -> float:
     """The checks every selective loss makes before any work; returns the ratio as a float."""
     ratio = check_ratio(ratio)
+    get_rule(rule)
     if ref_loss is None and get_score(score).needs_reference:
         raise ValueError(f"score {score!r} needs reference losses; pass ref_loss or use score='learner'/'random'")
     if ref_loss is not None and ref_loss.shape != labels.shape:
@@ -108,17 +117,21 @@ def selective_loss(
     score: str = "excess",
     ignore_index: int = -100,
     generator: torch.Generator | None = None,
+    rule: str = "topk",
+    rule_options: dict | None = None,
 ) -> Selection:
     """The SLM loss of one batch.
 
     ``logits[b, t]`` predicts ``labels[b, t]`` (already shifted) and ``ref_loss[b, t]`` is the reference
     model's loss on that same label. Positions whose label is ``ignore_index`` or whose reference is NaN
-    are never selected and never counted. Exactly ``round(ratio * n_valid)`` tokens are kept (at least
-    one). ``ratio=1.0`` keeps every valid token, which is the ordinary causal LM loss.
+    are never selected and never counted. With the ``topk`` rule exactly ``round(ratio * n_valid)`` tokens
+    are kept (at least one); ``ratio=1.0`` keeps every valid token, which is the ordinary causal LM loss.
+    Another ``rule`` weighs the tokens (``rule_options``: its temperature or threshold).
     """
-    ratio = check_inputs(ratio, score, ref_loss, labels)
+    ratio = check_inputs(ratio, score, ref_loss, labels, rule)
     token_loss = token_cross_entropy(logits, labels, ignore_index)
-    return select_from_token_loss(token_loss, labels, ref_loss, ratio, score, ignore_index, generator)
+    return select_from_token_loss(token_loss, labels, ref_loss, ratio, score, ignore_index, generator,
+                                  rule=rule, rule_options=rule_options)
 
 
 def select_from_token_loss(
@@ -131,32 +144,38 @@ def select_from_token_loss(
     generator: torch.Generator | None = None,
     gather=None,
     rank: int = 0,
+    rule: str = "topk",
+    rule_options: dict | None = None,
 ) -> Selection:
     """``selective_loss`` for per-token losses computed elsewhere (``token_loss`` keeps its graph).
 
     Global scope: with ``gather`` (a function concatenating a tensor from every process along dim 0, in
-    rank order, e.g. ``accelerator.gather``) the top ``ratio`` is taken over all processes' tokens at once,
-    exactly as one process would on the concatenated batch; this process keeps its own rows, and
-    ``loss`` is its selected-token sum divided by the global count (the per-process losses add up to
-    the global mean).
+    rank order, e.g. ``accelerator.gather``) the rule sees all processes' tokens at once, exactly as one
+    process would on the concatenated batch; this process keeps its own rows, and ``loss`` is its
+    weighted sum divided by the global sum of weights (the per-process losses add up to the global mean).
     """
     valid = valid_mask(labels, ref_loss, ignore_index)
     all_valid = valid if gather is None else gather(valid.to(torch.uint8)).bool()
     n_valid = int(all_valid.sum())
-    k = num_selected(n_valid, ratio)
-    if k == n_valid:
-        mask = valid
+    chosen = get_rule(rule)
+    if rule == "topk" and num_selected(n_valid, ratio) == n_valid:  # every valid token: nothing to rank
+        weights, total = valid.float(), float(n_valid)
     else:
         learner = token_loss.detach().float()
         reference = ref_loss.float() if ref_loss is not None else None
         if gather is not None:  # every process scores the whole gathered batch, as one process would
             learner = gather(learner.contiguous())
             reference = None if reference is None else gather(reference.contiguous())
-        mask = select_top(get_score(score).fn(learner, reference, generator), all_valid, k)
+        scores = get_score(score).fn(learner, reference, generator).float()
+        weights = chosen.fn(scores, all_valid, ratio, **(rule_options or {})).float()
+        # a rule of one's own is held to the contract: finite, in [0, 1], 0 where a token cannot be selected
+        weights = torch.where(all_valid, torch.nan_to_num(weights, nan=0.0).clamp(0.0, 1.0), 0.0)
+        total = float(weights.sum())
         if gather is not None:
             rows = labels.shape[0]
-            mask = mask[rank * rows : (rank + 1) * rows]
-    loss_sum = torch.where(mask, token_loss, torch.zeros_like(token_loss)).sum()
-    loss = loss_sum / max(k, 1)
-    stats = selection_stats(token_loss, ref_loss, mask, valid)
-    return Selection(loss, loss_sum, mask, k, n_valid, token_loss.detach(), stats)
+            weights = weights[rank * rows : (rank + 1) * rows]
+    mask = weights >= 0.5
+    loss_sum = torch.where(weights > 0, token_loss * weights, torch.zeros_like(token_loss)).sum()
+    loss = loss_sum / max(total, 1e-12) if total > 0 else loss_sum * 0.0
+    stats = selection_stats(token_loss, ref_loss, mask, valid, None if chosen.hard else weights)
+    return Selection(loss, loss_sum, mask, total, n_valid, token_loss.detach(), stats, weights)

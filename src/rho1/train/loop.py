@@ -118,8 +118,8 @@ class Run:
         return self.cfg.ratio if self.cfg.objective == "slm" else 1.0
 
     @property
-    def selecting(self) -> bool:  # slm at ratio 1 keeps every token: exactly clm
-        return self.ratio < 1.0
+    def selecting(self) -> bool:  # slm with topk at ratio 1 keeps every token: exactly clm
+        return self.cfg.objective == "slm" and (self.ratio < 1.0 or self.cfg.rule != "topk")
 
     @property
     def windows_per_step(self) -> int:
@@ -136,7 +136,8 @@ class Run:
     @property
     def name(self) -> str:
         cfg = self.cfg
-        return f"{cfg.objective} ({cfg.score})" if self.selecting and cfg.score != "excess" else cfg.objective
+        extra = [x for x in (cfg.score if cfg.score != "excess" else "", cfg.rule if cfg.rule != "topk" else "") if x]
+        return f"{cfg.objective} ({', '.join(extra)})" if self.selecting and extra else cfg.objective
 
     def position(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "next_eval": self.next_eval, "next_save": self.next_save,
@@ -226,22 +227,25 @@ def step_batches(run: Run, step: int) -> list:
     return micro
 
 
-def selected_loss(run: Run, batch, ref_loss, ratio: float, score: str, generator=None) -> Selection:
+def selected_loss(run: Run, batch, ref_loss, ratio: float, score: str, generator=None, rule: str = "topk") -> Selection:
     """Forward one micro-batch and select its tokens; ``loss_sum`` keeps the graph. The global scope ranks
     the same micro-batch of every process at once (the losses are gathered)."""
     acc = run.accelerator
-    gather = acc.gather if ratio < 1.0 and run.cfg.selection_scope == "global" and acc.num_processes > 1 else None
+    gather = acc.gather if (ratio < 1.0 or rule != "topk") and run.cfg.selection_scope == "global" and \
+        acc.num_processes > 1 else None
+    options = run.cfg.rule_options
     if run.chunked_head:
         with without_head(acc.unwrap_model(run.model)) as weight, acc.autocast():
             hidden = run.model(input_ids=batch.input_ids).logits
         dtype = compute_dtype(run.cfg.precision)
         return selective_linear_cross_entropy(hidden if dtype is None else hidden.to(dtype), weight, batch.labels,
                                               ref_loss, ratio, score, generator=generator, gather=gather,
-                                              rank=acc.process_index)
+                                              rank=acc.process_index, rule=rule, rule_options=options)
     with acc.autocast():
         logits = run.model(input_ids=batch.input_ids).logits
     return select_from_token_loss(token_cross_entropy(logits, batch.labels), batch.labels, ref_loss, ratio, score,
-                                  generator=generator, gather=gather, rank=acc.process_index)
+                                  generator=generator, gather=gather, rank=acc.process_index, rule=rule,
+                                  rule_options=options)
 
 
 def micro_step(run: Run, batch, step: int, micro: int) -> tuple[Selection, dict]:
@@ -252,17 +256,19 @@ def micro_step(run: Run, batch, step: int, micro: int) -> tuple[Selection, dict]
         acc = run.accelerator
         global_scope = cfg.selection_scope == "global" and acc.num_processes > 1
         generator = torch.Generator().manual_seed(selection_seed(cfg, step, micro, acc.process_index, global_scope))
-        selection = selected_loss(run, batch, batch.ref_loss, run.ratio, cfg.score, generator)
+        selection = selected_loss(run, batch, batch.ref_loss, run.ratio, cfg.score, generator, cfg.rule)
         return selection, selection.stats
     selection = selected_loss(run, batch, None, 1.0, "learner")
     if batch.ref_loss is None:
         return selection, selection.stats
-    shadow = select_from_token_loss(selection.token_loss, batch.labels, batch.ref_loss, cfg.ratio)
+    shadow = select_from_token_loss(selection.token_loss, batch.labels, batch.ref_loss, cfg.ratio, rule=cfg.rule,
+                                    rule_options=cfg.rule_options)
     return selection, {**shadow.stats, "frac_selected": 1.0}
 
 
 def label_sums(batch, selection: Selection, valid: torch.Tensor, n_labels: int) -> torch.Tensor:
-    """Per source label (rows): [valid tokens, selected tokens, excess-loss sum, tokens with a reference]."""
+    """Per source label (rows): [valid tokens, selected tokens (sum of weights), excess-loss sum, tokens with a
+    reference]."""
     ids = batch.label_ids.to(valid.device)
     with_ref = valid & torch.isfinite(batch.ref_loss) if batch.ref_loss is not None else torch.zeros_like(valid)
     excess = selection.token_loss.float() - torch.nan_to_num(batch.ref_loss.float()) if batch.ref_loss is not None \
@@ -271,14 +277,15 @@ def label_sums(batch, selection: Selection, valid: torch.Tensor, n_labels: int) 
     def count(mask, weights=None):
         return torch.bincount(ids[mask], None if weights is None else weights[mask], minlength=n_labels).float()
 
-    return torch.stack([count(valid), count(selection.mask & valid), count(with_ref, excess), count(with_ref)], 1)
+    weights = selection.weights.float() if selection.weights is not None else selection.mask.float()
+    return torch.stack([count(valid), count(valid, weights), count(with_ref, excess), count(with_ref)], 1)
 
 
 @dataclass
 class StepResult:
     lr: float
     loss_sum: torch.Tensor  # this process's sum of selected-token losses (detached)
-    selected: float = 0.0  # tokens selected in the step, all processes
+    selected: float = 0.0  # tokens selected in the step (sum of weights), all processes
     grad_norm: float | None = None
     stats: list[dict] = field(default_factory=list)  # per micro-batch
     labels: torch.Tensor | None = None  # label_sums over the step (this process), when the store has labels
@@ -312,15 +319,15 @@ def train_step(run: Run, step: int) -> StepResult:
         with acc.no_sync(run.model) if m < len(micro) - 1 else contextlib.nullcontext():
             acc.backward(selection.loss_sum * acc.num_processes / n_valid)  # DDP averages over processes
         result.loss_sum += selection.loss_sum.detach()
-        n_selected += selection.mask.sum()
+        n_selected += selection.weights.sum() if selection.weights is not None else selection.mask.sum()
         result.stats.append(stats)
         if batch.label_ids is not None:
             valid = valid_mask(batch.labels, batch.ref_loss if run.selecting else None)
             sums = label_sums(batch, selection, valid, len(run.store.label_names))
             result.labels = sums if result.labels is None else result.labels + sums
     result.selected = float(acc.reduce(n_selected, "sum"))
-    if result.selected != float(n_valid):  # fewer tokens than the valid ones were kept
-        scale_gradients(run.model, float(n_valid) / max(result.selected, 1.0))
+    if 0 < result.selected != float(n_valid):  # fewer tokens than the valid ones were kept (or weights below 1)
+        scale_gradients(run.model, float(n_valid) / result.selected)
     if cfg.grad_clip:
         grad_norm = acc.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
         if not all_finite(acc, grad_norm):

@@ -1,0 +1,161 @@
+"""`rho1 export`: static token selection for any trainer. The windows of a TokenStore, in the order
+`rho1 train --seed` reads them, with ``labels`` = -100 on every token the rule drops, as Parquet shards and
+as a Hugging Face ``datasets`` folder (``load_from_disk``). A trainer that only takes labels (Megatron,
+nanotron, torchtitan, axolotl, TRL, ``transformers.Trainer``) then trains on the selected tokens.
+
+This is SLM with the excess loss measured once, against the fixed ``--model`` (the planned run's starting
+model), instead of against the model being trained at each step: the selection cannot follow what the model
+has already learned. Tokens are ranked in groups of ``--batch-size`` windows, as `rho1 train` ranks one
+micro-batch, so the first group is exactly what `rho1 train` selects at its first step.
+
+Layout: ``OUT/parquet/part-00000.parquet ...`` (columns ``input_ids``, ``labels`` and, for soft rules or with
+``--weights``, ``weights``), ``OUT/dataset/`` and ``OUT/manifest.json`` naming the store, scores, model and
+rule. Written into ``OUT.partial`` and moved into place at the end, so a killed export leaves no ``OUT``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rho1.accel import compute_dtype
+from rho1.config import ExportConfig, Interrupted
+from rho1.data.loader import IGNORE_INDEX, WindowOrder, make_batch
+from rho1.data.store import ScoreStore, TokenStore, check_writable
+from rho1.head import batch_token_losses, linear_head_of
+from rho1.model import check_model_fits, load_model, model_hash
+from rho1.progress import progress_bar
+from rho1.selection import get_rule, select_from_token_loss
+
+EXPORT_FORMAT = "rho1-export-1"
+
+
+def _open_inputs(cfg: ExportConfig) -> tuple[TokenStore, ScoreStore | None]:
+    store = TokenStore.open(cfg.data).verify()
+    scores = ScoreStore.open(cfg.scores, store).verify() if cfg.scores else None
+    if scores is not None and scores.seq_len != cfg.seq_len:
+        raise ValueError(f"scores {scores.path} were computed with windows of {scores.seq_len} tokens but --seq-len is "
+                         f"{cfg.seq_len}; export with --seq-len {scores.seq_len}")
+    return store, scores
+
+
+def _check_out(out: Path) -> Path:
+    """``out`` must not exist (an export is never written over anything); returns its partial folder."""
+    check_writable(out)
+    if out.exists():
+        raise ValueError(f"--out {out} already exists; choose a new folder (an export never replaces anything)")
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():  # what an interrupted export of ours left
+        shutil.rmtree(partial)
+    return partial
+
+
+def _shard_writer(path: Path, with_weights: bool):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fields = [pa.field("input_ids", pa.list_(pa.int32())), pa.field("labels", pa.list_(pa.int32()))]
+    if with_weights:
+        fields.append(pa.field("weights", pa.list_(pa.float32())))
+    return pq.ParquetWriter(path, pa.schema(fields))
+
+
+def _table(input_ids: list, labels: list, weights: list | None):
+    import pyarrow as pa
+
+    columns = {"input_ids": pa.array([r.astype(np.int32) for r in input_ids], pa.list_(pa.int32())),
+               "labels": pa.array([r.astype(np.int32) for r in labels], pa.list_(pa.int32()))}
+    if weights is not None:
+        columns["weights"] = pa.array([r.astype(np.float32) for r in weights], pa.list_(pa.float32()))
+    return pa.table(columns)
+
+
+def group_labels(batch, weights: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hugging Face rows of one group: ``input_ids`` (padding cut off), ``labels`` (the token where it has a
+    weight, else -100; the model shifts them itself) and per-token ``weights`` aligned with ``labels``."""
+    input_ids = batch.input_ids.numpy()
+    labels = np.full(input_ids.shape, IGNORE_INDEX, dtype=np.int64)
+    token_weights = np.zeros(input_ids.shape, dtype=np.float32)
+    w = weights.float().cpu().numpy()  # w[b, t] weighs the prediction of token t + 1
+    kept = w > 0
+    labels[:, 1:] = np.where(kept[:, :-1], input_ids[:, 1:], IGNORE_INDEX)
+    token_weights[:, 1:] = np.where(kept[:, :-1], w[:, :-1], 0.0)
+    lengths = (batch.positions.numpy() >= 0).sum(1) + 1  # real tokens in each row
+    return ([row[:n] for row, n in zip(input_ids, lengths)], [row[:n] for row, n in zip(labels, lengths)],
+            [row[:n] for row, n in zip(token_weights, lengths)])
+
+
+def export(cfg: ExportConfig, progress: bool = True) -> dict:
+    """Write the selected windows to ``cfg.out``; returns the manifest."""
+    cfg.check()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    partial = _check_out(out)
+    store, scores = _open_inputs(cfg)
+    model = load_model(cfg.model, cfg.trust_remote_code, dtype=compute_dtype(cfg.precision))
+    check_model_fits(model, store, cfg.model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device).eval()
+    head_of = linear_head_of(model, store, cfg.seq_len)
+    with_weights = cfg.weights or not get_rule(cfg.rule).hard
+    n_windows = store.num_windows(cfg.seq_len)
+    order = WindowOrder(n_windows, cfg.seed).take(0, n_windows)  # one epoch, in rho1 train's order
+    (partial / "parquet").mkdir(parents=True)
+    shards, writer, in_shard = [], None, 0
+    totals = {"valid": 0, "selected": 0, "weight": 0.0}
+    bar = progress_bar(total=n_windows * cfg.seq_len, desc="export", unit="tok", unit_scale=True, disable=not progress)
+    try:
+        for group, start in enumerate(range(0, n_windows, cfg.batch_size)):
+            batch = make_batch(store, order[start : start + cfg.batch_size], cfg.seq_len, scores)
+            losses = batch_token_losses(model, batch.input_ids.to(device), batch.labels.to(device),
+                                        head_of=head_of, dtype=compute_dtype(cfg.precision)).cpu()
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + group)  # as rho1 train's step `group`
+            picked = select_from_token_loss(losses, batch.labels, batch.ref_loss, cfg.ratio, cfg.score,
+                                            generator=generator, rule=cfg.rule, rule_options=cfg.rule_options)
+            totals["valid"] += picked.n_valid
+            totals["selected"] += int((picked.weights > 0).sum())
+            totals["weight"] += picked.n_selected
+            ids, labels, weights = group_labels(batch, picked.weights)
+            if writer is None:  # a shard holds whole groups, --shard-windows windows or a few more
+                shards.append(f"parquet/part-{len(shards):05d}.parquet")
+                writer, in_shard = _shard_writer(partial / shards[-1], with_weights), 0
+            writer.write_table(_table(ids, labels, weights if with_weights else None))
+            in_shard += len(ids)
+            if in_shard >= cfg.shard_windows:
+                writer.close()
+                writer = None
+            bar.update(len(ids) * cfg.seq_len)
+        if writer is not None:
+            writer.close()
+    except KeyboardInterrupt:
+        raise Interrupted(f"export interrupted; nothing was written to {out}: run the same command again") from None
+    finally:
+        bar.close()
+    import datasets
+
+    datasets.Dataset.from_parquet([str(partial / s) for s in shards]).save_to_disk(str(partial / "dataset"))
+    manifest = {
+        "format": EXPORT_FORMAT, "token_store": str(store.path.resolve()), "token_store_hash": store.hash,
+        "tokenizer_hash": store.tokenizer_hash, "scores": str(Path(cfg.scores).resolve()) if cfg.scores else None,
+        "scores_sha256": scores.manifest.get("sha256") if scores is not None else None,
+        "model": {"name": cfg.model, "hash": model_hash(cfg.model, model)},
+        "rule": cfg.rule, "score": cfg.score, "ratio": cfg.ratio, "rule_options": cfg.rule_options,
+        "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "seed": cfg.seed, "windows": n_windows,
+        "shards": shards, "columns": ["input_ids", "labels", *(["weights"] if with_weights else [])],
+        "valid_tokens": totals["valid"], "tokens_with_a_label": totals["selected"],
+        "frac_selected": totals["weight"] / max(totals["valid"], 1),
+        "note": "static selection: the excess loss was measured once against --model, not against the model being "
+                "trained; labels are -100 where the rule drops a token",
+    }
+    (partial / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    os.replace(partial, out)
+    if progress:
+        print(f"export: {n_windows:,} windows, {manifest['frac_selected']:.1%} of {totals['valid']:,} tokens kept "
+              f"({cfg.rule}) -> {out}/parquet ({len(shards)} shards), {out}/dataset")
+    return manifest
