@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import statistics
 import sys
 import sysconfig
@@ -152,11 +153,15 @@ def document_filter(stores: dict, start_model: str, scores: ScoreStore, noisy_fi
                                  overwrite=True), progress=False)
 
 
-LEVERS = {"ratio": float, "lr": float, "selection_scope": str, "reference_tokens": int, "reference_preset": str}
+LEVERS = {"ratio": float, "lr": float, "selection_scope": str, "reference_tokens": int, "reference_preset": str,
+          "rule": str, "temperature": float, "threshold": float}
 
 
 def parse_lever(text: str) -> dict:
-    """``ratio=0.8`` or ``reference_tokens=2400000,reference_preset=medium``: one SLM run with those changes."""
+    """``ratio=0.8`` or ``reference_tokens=2400000,reference_preset=medium``: one SLM run with those changes;
+    ``static``: rho1 export against the starting model, trained on by a plain transformers.Trainer."""
+    if text == "static":
+        return {"static": True}
     lever = {}
     for part in text.split(","):
         key, _, value = part.partition("=")
@@ -202,7 +207,8 @@ def run_setting(setting: str, preset: str, seed: int, stores: dict, files: dict,
                     raise SystemExit("setting B continues the reference from the base: a larger reference needs a "
                                      "base of its size; use reference_preset in setting A only")
                 cfg = replace(cfg, model_preset=ref_preset)
-            train(cfg, progress=False)
+            if not (out / name / "summary.json").is_file():  # a finished reference of an earlier run is kept
+                train(cfg, progress=False)
             ref = str(out / name / "final")
             references[key] = {s: score(ScoreConfig(str(stores[s].path), ref, str(out / f"scores-{s}" if name ==
                                                                                  "reference" else out / name / s),
@@ -224,15 +230,23 @@ def run_setting(setting: str, preset: str, seed: int, stores: dict, files: dict,
 
     def run_method(name: str, cfg: TrainConfig, folder: str | None = None) -> None:
         folders[name] = out / (folder or name)
-        summaries[name] = train(replace(cfg, out=str(folders[name])), progress=False)
+        done = folders[name] / "summary.json"  # finished by an earlier run of this benchmark: kept
+        summaries[name] = json.loads(done.read_text()) if done.is_file() else train(
+            replace(cfg, out=str(folders[name])), progress=False)
         stage(name)
 
     for name, kw in methods.items():
         run_method(name, replace(run, **kw))
-    filtered = document_filter(stores, start_model, scores["noisy"], files["noisy"], out, args.ratio, args.seq_len)
-    run_method("document", replace(run, data=str(filtered.path), scores=None, objective="clm"))
+    if not (out / "document" / "summary.json").is_file():
+        document_filter(stores, start_model, scores["noisy"], files["noisy"], out, args.ratio, args.seq_len)
+    run_method("document", replace(run, data=str(out / "filtered"), scores=None, objective="clm"))
     for text in levers:  # one SLM run per lever; a learning-rate lever gets its own CLM to compare against
         lever = parse_lever(text)
+        if lever.get("static"):
+            folders[text] = out / "lever-static"
+            summaries[text] = static_run(run, start_model, scores, folders[text], args)
+            stage(text)
+            continue
         ref = reference(lever.pop("reference_preset", args.reference_preset or preset),
                         lever.pop("reference_tokens", args.reference_tokens))
         cfg = replace(run, scores=str(ref["noisy"].path), eval_scores=[str(ref["heldout"].path), ""],
@@ -251,12 +265,78 @@ def run_setting(setting: str, preset: str, seed: int, stores: dict, files: dict,
                                         for (p, t), r in references.items()},
               "efficiency": {}, "reached": {}, "baseline": baseline,
               "selected_share": {n: selected_shares(folders[n]) for n in summaries
-                                 if n not in ("clm", "document") and not n.startswith("clm-")}}
+                                 if n not in ("clm", "document", "static") and not n.startswith("clm-")}}
     for name in summaries:
         if name != "clm" and not name.startswith("clm-"):
             base = curves[baseline.get(name, "clm")]
             result["efficiency"][name], result["reached"][name] = token_efficiency(base, curves[name])
     return result
+
+
+def static_run(run: TrainConfig, start_model: str, scores: dict, out: Path, args) -> dict:
+    """SLM with the excess loss measured once: `rho1 export` against the starting model, then a plain
+    transformers.Trainer (no rho1 loss) on its labels, with rho1 train's optimizer, schedule and data order;
+    the held-out target loss is measured as rho1 train measures it and written to OUT/metrics.jsonl."""
+    import datasets
+    import torch
+    from torch.utils.data import SequentialSampler
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    from rho1.config import ExportConfig
+    from rho1.eval.heldout import summarize
+    from rho1.export import export
+
+    if (out / "summary.json").is_file():
+        return json.loads((out / "summary.json").read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    store = TokenStore.open(run.data)
+    export(ExportConfig(data=run.data, scores=str(scores["noisy"].path), model=start_model, out=str(out / "export"),
+                        ratio=args.ratio, seq_len=args.seq_len, batch_size=args.batch_size, seed=run.seed,
+                        precision=args.precision, threads=args.threads), progress=False)
+    evals = [TokenStore.open(p) for p in run.eval_data]
+    step_tokens = args.batch_size * args.seq_len
+    records = []
+
+    def evaluate(model, tokens):
+        record = {"kind": "eval", "tokens": tokens}
+        for name, s in zip(("heldout", "offtarget"), evals):
+            losses = token_losses(model, s, args.seq_len, 32)
+            for key, value in summarize(losses, s, None, None).items():
+                record[f"eval/{name}/{key}"] = value
+        records.append(record)
+
+    class Eval(TrainerCallback):
+        def on_step_end(self, targs, state, control, model=None, **kw):
+            tokens = state.global_step * step_tokens
+            if tokens % run.eval_every < step_tokens or state.global_step == state.max_steps:
+                evaluate(model, min(tokens, run.max_tokens))
+
+    class InOrder(Trainer):  # the export is already in rho1 train's order
+        def _get_train_sampler(self, *a, **k):
+            return SequentialSampler(self.train_dataset)
+
+    tokenizer = store.tokenizer()
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model = load_model(start_model)
+    steps = -(-run.max_tokens // step_tokens)
+    targs = TrainingArguments(str(out / "hf"), per_device_train_batch_size=args.batch_size, max_steps=steps,
+                              learning_rate=run.lr, weight_decay=run.weight_decay, adam_beta2=0.95,
+                              max_grad_norm=run.grad_clip, warmup_steps=run.warmup_steps,
+                              lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": run.min_lr_ratio},
+                              report_to=[], save_strategy="no", logging_steps=10, seed=run.seed,
+                              use_cpu=not torch.cuda.is_available(), bf16=args.precision == "bf16",
+                              dataloader_drop_last=False, disable_tqdm=True)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    evaluate(model, 0)
+    trainer = InOrder(model=model, args=targs, train_dataset=datasets.load_from_disk(str(out / "export" / "dataset")),
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100), callbacks=[Eval()])
+    start = time.time()
+    trainer.train()
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = {"tokens": steps * step_tokens, "seconds": time.time() - start, **{k: v for k, v in records[-1].items()
+                                                                                  if k.startswith("eval/")}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 def reference_loss(scores: ScoreStore, store: TokenStore) -> float:
@@ -332,6 +412,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"], help="bf16 on a GPU")
     parser.add_argument("--out", default="runs/bench-real")
+    parser.add_argument("--result", default="result.json", help="file under OUT the results go to (runs already "
+                        "finished under OUT are reused, so more levers can be added to an earlier benchmark)")
     args = parser.parse_args()
     data_dir = check_data_dir(args.data_dir)
     import transformers
@@ -351,12 +433,12 @@ def main() -> None:
                 results.append(r)
                 print(f"{setting}/{preset}/seed {seed}: " + ", ".join(
                     f"{m} {format_efficiency(e, r['reached'][m])}" for m, e in r["efficiency"].items()), flush=True)
-                (out / "result.json").write_text(json.dumps({"counts": counts, "args": vars(args) | {
+                (out / args.result).write_text(json.dumps({"counts": counts, "args": vars(args) | {
                     "data_dir": str(data_dir)}, "runs": results}, indent=2, default=str))
     table = report(results)
-    (out / "result.json").write_text(json.dumps({"counts": counts, "args": vars(args) | {"data_dir": str(data_dir)},
+    (out / args.result).write_text(json.dumps({"counts": counts, "args": vars(args) | {"data_dir": str(data_dir)},
                                                  "runs": results, "table": table}, indent=2, default=str))
-    print(f"\n{out / 'result.json'}", file=sys.stderr)
+    print(f"\n{out / args.result}", file=sys.stderr)
 
 
 if __name__ == "__main__":
