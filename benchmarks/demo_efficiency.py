@@ -17,7 +17,8 @@ from pathlib import Path
 
 import transformers
 
-from rho1.experiments.demo import PRESETS, run_demo
+from rho1.config import DEMO_PRESETS as PRESETS
+from rho1.experiments.demo import run_demo
 
 
 def main() -> None:
