@@ -26,22 +26,13 @@ import torch
 from rho1.accel import compute_dtype
 from rho1.config import ExportConfig, Interrupted
 from rho1.data.loader import IGNORE_INDEX, WindowOrder, make_batch
-from rho1.data.store import ScoreStore, TokenStore, check_writable
+from rho1.data.store import check_writable, open_with_scores
 from rho1.head import batch_token_losses, linear_head_of
 from rho1.model import check_model_fits, load_model, model_hash
 from rho1.progress import progress_bar
 from rho1.selection import get_rule, select_from_token_loss
 
 EXPORT_FORMAT = "rho1-export-1"
-
-
-def _open_inputs(cfg: ExportConfig) -> tuple[TokenStore, ScoreStore | None]:
-    store = TokenStore.open(cfg.data).verify()
-    scores = ScoreStore.open(cfg.scores, store).verify() if cfg.scores else None
-    if scores is not None and scores.seq_len != cfg.seq_len:
-        raise ValueError(f"scores {scores.path} were computed with windows of {scores.seq_len} tokens but --seq-len is "
-                         f"{cfg.seq_len}; export with --seq-len {scores.seq_len}")
-    return store, scores
 
 
 def _check_out(out: Path) -> Path:
@@ -97,7 +88,7 @@ def export(cfg: ExportConfig, progress: bool = True) -> dict:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     partial = _check_out(out)
-    store, scores = _open_inputs(cfg)
+    store, scores = open_with_scores(cfg.data, cfg.scores, cfg.seq_len, "export")
     model = load_model(cfg.model, cfg.trust_remote_code, dtype=compute_dtype(cfg.precision))
     check_model_fits(model, store, cfg.model)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,7 +1,6 @@
 """Selection rules in every stage (a rule registered from Python included), and `rho1 export`: static
 selection any trainer can use."""
 
-import json
 import os
 import subprocess
 import sys

@@ -138,3 +138,6 @@ def test_rule_options_are_checked_in_one_sentence():
                                             "soft", "--temperature", "0.1"]))
     assert cfg.rule == "soft" and cfg.rule_options == {"temperature": 0.1, "threshold": 0.0}
     assert list(RULES)[:3] == ["topk", "soft", "threshold"]
+    sweep = build_config(parser().parse_args(["sweep", "--data", "x", "--scores", "s", "--eval-data", "h", "--rules",
+                                              "topk", "threshold", "--threshold", "0.3"]))
+    assert sweep.rules == ["topk", "threshold"] and sweep.train.threshold == 0.3

@@ -236,3 +236,14 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+def open_with_scores(data: str, scores: str | None, seq_len: int, verb: str = "train") -> tuple[TokenStore, ScoreStore | None]:
+    """A TokenStore and its ScoreStore (when given), checked to belong together and to use ``seq_len``."""
+    store = TokenStore.open(data).verify()
+    score_store = ScoreStore.open(scores, store).verify() if scores else None
+    if score_store is not None and score_store.seq_len != seq_len:
+        raise ValueError(f"scores {score_store.path} were computed with windows of {score_store.seq_len} tokens but "
+                         f"--seq-len is {seq_len}; {verb} with --seq-len {score_store.seq_len} or rescore with "
+                         f"--seq-len {seq_len}")
+    return store, score_store

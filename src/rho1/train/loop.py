@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from rho1.accel import compute_dtype, make_accelerator
 from rho1.config import Interrupted, TrainConfig
 from rho1.data.loader import WindowOrder, make_batch
-from rho1.data.store import ScoreStore, TokenStore
+from rho1.data.store import ScoreStore, TokenStore, open_with_scores
 from rho1.head import head_is_whole, linear_head_of, reference_token_losses, without_head
 from rho1.model import build_model, check_model_fits, load_model
 from rho1.progress import progress_bar
@@ -144,15 +144,6 @@ class Run:
                 "objective": self.cfg.objective, "ratio": self.ratio}
 
 
-def _open_data(cfg: TrainConfig) -> tuple[TokenStore, ScoreStore | None]:
-    store = TokenStore.open(cfg.data).verify()
-    scores = ScoreStore.open(cfg.scores, store).verify() if cfg.scores else None
-    if scores is not None and scores.seq_len != cfg.seq_len:
-        raise ValueError(f"scores {scores.path} were computed with windows of {scores.seq_len} tokens but --seq-len is "
-                         f"{cfg.seq_len}; train with --seq-len {scores.seq_len} or rescore with --seq-len {cfg.seq_len}")
-    return store, scores
-
-
 def _learner(cfg: TrainConfig, store: TokenStore, tokenizer):
     if cfg.model:
         model = load_model(cfg.model, cfg.trust_remote_code)
@@ -183,7 +174,7 @@ def setup(cfg: TrainConfig, progress: bool = True) -> Run:
     out = Path(cfg.out)
     resume_from = check_run_folder(out, cfg.resume)
     accelerator = make_accelerator(cfg.precision)
-    store, scores = _open_data(cfg)
+    store, scores = open_with_scores(cfg.data, cfg.scores, cfg.seq_len)
     tokenizer = store.tokenizer()
     model = _learner(cfg, store, tokenizer)
     reference = _reference(cfg, store, accelerator)
