@@ -122,6 +122,8 @@ class ScoreConfig:
     batch_size: int = opt(32, "windows per forward")
     precision: str = opt("no", "compute dtype of the model and its loss", choices=PRECISIONS)
     chunk_windows: int = opt(256, "windows per unit of work (split across processes, resumed after a kill)")
+    cross_tokenizer: bool = opt(False, "the reference has another tokenizer: score the text of each window with it "
+                                "and project its losses onto the store's tokens through byte offsets")
     trust_remote_code: bool = opt(False, "run a model's own code from the hub")
     threads: int | None = opt(None, "CPU threads for torch (default: the cores idle at start)")
 
@@ -140,6 +142,7 @@ class TrainConfig:
     objective: str = opt("clm", "clm: every token; slm: the selected tokens", choices=("clm", "slm"))
     scores: str | None = opt(None, "ScoreStore of --data (from `rho1 score`); with clm, logs what slm would keep")
     reference: str | None = opt(None, "instead of --scores: a reference model run in the loop")
+    cross_tokenizer: bool = opt(False, "--reference has another tokenizer: project its losses onto the store's tokens")
     ratio: float = opt(0.6, "fraction of tokens slm keeps, in (0, 1]")
     score: str = opt("excess", "selection score (excess = learner loss - reference loss; the others are ablations "
                      "or your own, see rho1.register_score)", choices=_scores)
@@ -188,6 +191,9 @@ class TrainConfig:
         check_choice("model_preset", self.model_preset, tuple(MODEL_PRESETS))
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("loss_impl", self.loss_impl, ("auto", "logits"))
+        if self.cross_tokenizer and not self.reference:
+            raise ValueError("--cross-tokenizer applies to --reference MODEL (a ScoreStore made with `rho1 score "
+                             "--cross-tokenizer` needs nothing more); pass --reference or drop the flag")
         if self.scores and self.reference:
             raise ValueError("pass either --scores (stored reference losses) or --reference (a reference model run in "
                              "the loop), not both")

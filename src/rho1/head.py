@@ -62,6 +62,9 @@ def batch_token_losses(model, input_ids, labels, autocast=contextlib.nullcontext
     the losses are then computed from the head's input in chunks, without the ``[tokens x vocab]`` logits
     (faster and smaller). ``dtype``: the head's compute dtype in that case (bf16/fp16 under mixed precision).
     """
+    if getattr(model, "cross_tokenizer", False):  # rho1.align.CrossTokenizerReference projects its own losses
+        with torch.no_grad(), autocast():
+            return model.losses(input_ids).to(input_ids.device)
     with torch.no_grad():
         if head_of is None:
             with autocast():

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from transformers import Trainer
 
+from rho1.align import CrossTokenizerReference
 from rho1.config import check_rule_options
 from rho1.data.loader import IGNORE_INDEX
 from rho1.data.store import ScoreStore, TokenStore
@@ -97,7 +98,7 @@ class SelectiveTrainer(Trainer):
 
     def __init__(self, *args, ratio: float = 0.6, score: str = "excess", reference_model=None,
                  loss_impl: str = "auto", rule: str = "topk", temperature: float = 0.25, threshold: float = 0.0,
-                 **kwargs):
+                 reference_tokenizer=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.ratio, self.score = check_ratio(ratio), check_score(score)
         check_rule_options(rule, temperature, threshold)
@@ -106,6 +107,12 @@ class SelectiveTrainer(Trainer):
             raise ValueError(f"loss_impl must be auto or logits, got {loss_impl!r}")
         self.loss_impl = loss_impl
         self._chunked_head: bool | None = None  # decided at the first batch (see _use_chunked_head)
+        if reference_model is not None and reference_tokenizer is not None:  # another tokenizer than the learner's
+            learner_tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
+            if learner_tokenizer is None:
+                raise ValueError("SelectiveTrainer(reference_tokenizer=...) needs the learner's tokenizer: pass "
+                                 "processing_class=TOKENIZER (or a collator with a .tokenizer)")
+            reference_model = CrossTokenizerReference(reference_model, reference_tokenizer, learner_tokenizer)
         self.reference_model = reference_model
         if self._selecting and get_score(self.score).needs_reference and not self._has_reference_losses():
             raise ValueError(f"SelectiveTrainer with score={self.score!r} needs reference losses: pass "
@@ -139,6 +146,9 @@ class SelectiveTrainer(Trainer):
 
     def _reference_loss(self, inputs: dict, shifted_labels: torch.Tensor) -> torch.Tensor:
         ref = self.reference_model
+        if getattr(ref, "cross_tokenizer", False):  # it reads the text of the predicted tokens too
+            losses = ref.losses(inputs["input_ids"])[:, :-1].to(shifted_labels.device)
+            return torch.where(shifted_labels != IGNORE_INDEX, losses.half().float(), torch.nan)
         if self._ref_head is None:  # the same check as the learner's head, once
             self._ref_head = ref if head_is_linear(ref, inputs["input_ids"][:1, :32]) else False
         return reference_token_losses(ref, inputs["input_ids"][:, :-1], shifted_labels, self._ref_head or None)

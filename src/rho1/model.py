@@ -72,13 +72,16 @@ def model_hash(name_or_path: str, model=None) -> str:
     return h.hexdigest()[:16]
 
 
-def check_model_fits(model, store, model_name: str) -> None:
+def check_model_fits(model, store, model_name: str, cross_tokenizer_hint: bool = False) -> None:
     """Refuse a model whose vocabulary or tokenizer does not belong to the store's tokenizer."""
+    hint = (", or pass --cross-tokenizer to project this reference's losses onto the store's tokens"
+            if cross_tokenizer_hint else "")
     n_embed = model.get_input_embeddings().num_embeddings
     if n_embed < store.vocab_size:
         raise ValueError(
             f"model {model_name} has {n_embed} token embeddings but TokenStore {store.path} uses a tokenizer with "
             f"{store.vocab_size} tokens; prepare the store with the model's tokenizer (--tokenizer {model_name})"
+            + hint
         )
     tok_dir = Path(model_name)
     if (tok_dir / "tokenizer_config.json").is_file() or (tok_dir / "tokenizer.json").is_file():
@@ -87,7 +90,7 @@ def check_model_fits(model, store, model_name: str) -> None:
         if tokenizer_hash(load_tokenizer(tok_dir)) != store.tokenizer_hash:
             raise ValueError(
                 f"model {model_name} comes with another tokenizer than TokenStore {store.path}; "
-                f"prepare the store with `rho1 prepare --tokenizer {model_name}`"
+                f"prepare the store with `rho1 prepare --tokenizer {model_name}`" + hint
             )
 
 

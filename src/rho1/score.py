@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from rho1.accel import compute_dtype, make_accelerator
+from rho1.align import PROJECTION, load_reference
 from rho1.config import Interrupted, ScoreConfig
 from rho1.data.store import (
     SCORE_FORMAT,
@@ -27,8 +28,9 @@ from rho1.data.store import (
     sha256_file,
     write_json_atomic,
 )
+from rho1.data.tokenizer import tokenizer_hash
 from rho1.head import linear_head_of, token_losses
-from rho1.model import check_model_fits, load_model, model_hash
+from rho1.model import model_hash
 from rho1.progress import progress_bar
 
 
@@ -67,8 +69,7 @@ def _mark_done(out: Path, chunk: int) -> None:
 
 def _reference_model(cfg: ScoreConfig, store: TokenStore, device):
     """The reference model, held in the compute dtype (as `rho1 train --reference` holds it)."""
-    model = load_model(cfg.model, cfg.trust_remote_code, dtype=compute_dtype(cfg.precision))
-    check_model_fits(model, store, cfg.model)
+    model = load_reference(cfg.model, store, cfg.cross_tokenizer, compute_dtype(cfg.precision), cfg.trust_remote_code)
     if cfg.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} is longer than model {cfg.model} supports "
                          f"({model.config.max_position_embeddings}); pass a smaller --seq-len")
@@ -79,7 +80,8 @@ def _score_chunks(cfg: ScoreConfig, store: TokenStore, model, accelerator, chunk
     """Reference losses of ``chunks`` into scores.bin, each chunk marked done once its bytes are flushed."""
     out, n_windows = Path(cfg.out), store.num_windows(cfg.seq_len)
     n_chunks = -(-n_windows // cfg.chunk_windows)
-    head_of = linear_head_of(model, store, cfg.seq_len)  # when set, no [tokens x vocab] logits are made
+    # when set, no [tokens x vocab] logits are made (a reference with another tokenizer makes its own)
+    head_of = None if cfg.cross_tokenizer else linear_head_of(model, store, cfg.seq_len)
     scores = np.memmap(out / "scores.bin", dtype=np.float16, mode="r+", shape=(store.n_tokens,))
     bar = progress_bar(total=len(chunks) * cfg.chunk_windows * cfg.seq_len, desc="score", unit="tok",
                        unit_scale=True, disable=not (progress and accelerator.is_main_process))
@@ -117,6 +119,9 @@ def score(cfg: ScoreConfig, progress: bool = True) -> ScoreStore:
                 "tokenizer_hash": store.tokenizer_hash, "n_tokens": store.n_tokens,
                 "model": {"name": cfg.model, "hash": model_hash(cfg.model, model)}, "seq_len": cfg.seq_len,
                 "precision": cfg.precision, "chunk_windows": cfg.chunk_windows, "n_chunks": n_chunks}
+    if cfg.cross_tokenizer:  # the learner's tokenizer is the store's (tokenizer_hash above)
+        identity["cross_tokenizer"] = {"reference_tokenizer_hash": tokenizer_hash(model.tokenizer),
+                                       "projection": PROJECTION}
     _check_same_job(out, identity)
     if accelerator.is_main_process:
         _create(out, identity, store.n_tokens)

@@ -21,6 +21,7 @@ import yaml
 from accelerate import Accelerator
 
 from rho1.accel import compute_dtype, make_accelerator
+from rho1.align import load_reference
 from rho1.config import Interrupted, TrainConfig
 from rho1.data.loader import WindowOrder, make_batch
 from rho1.data.store import ScoreStore, TokenStore, open_with_scores
@@ -160,10 +161,10 @@ def _reference(cfg: TrainConfig, store: TokenStore, accelerator) -> tuple | None
     """A frozen reference model run in the loop, held in the compute dtype like `rho1 score` holds it."""
     if not cfg.reference:
         return None
-    model = load_model(cfg.reference, cfg.trust_remote_code, dtype=compute_dtype(cfg.precision))
+    model = load_reference(cfg.reference, store, cfg.cross_tokenizer, compute_dtype(cfg.precision),
+                           cfg.trust_remote_code)
     model = model.to(accelerator.device).eval().requires_grad_(False)
-    check_model_fits(model, store, cfg.reference)
-    return model, linear_head_of(model, store, cfg.seq_len)
+    return model, None if cfg.cross_tokenizer else linear_head_of(model, store, cfg.seq_len)
 
 
 def setup(cfg: TrainConfig, progress: bool = True) -> Run:
