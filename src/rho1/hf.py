@@ -94,7 +94,11 @@ class SelectiveTrainer(Trainer):
     scores into token weights. ``topk`` knows how many tokens it keeps before the forward, so its loss is
     normalised over the whole optimizer step as in `rho1 train`; the other rules' loss is the weighted mean
     of each micro-batch, averaged over accumulation steps and processes (the same as `rho1 train` with one
-    micro-batch per step and one process)."""
+    micro-batch per step and one process).
+
+    ``reference_tokenizer``: the reference model's own tokenizer when it is not the learner's; its losses
+    are then projected onto the learner's tokens (``rho1.align``; the learner's tokenizer comes from
+    ``processing_class`` or the collator)."""
 
     def __init__(self, *args, ratio: float = 0.6, score: str = "excess", reference_model=None,
                  loss_impl: str = "auto", rule: str = "topk", temperature: float = 0.25, threshold: float = 0.0,
