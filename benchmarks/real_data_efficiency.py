@@ -333,7 +333,10 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["small"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--train-tokens", type=int, default=1_200_000)
-    parser.add_argument("--reference-tokens", type=int, default=600_000)
+    parser.add_argument("--lever-settings", nargs="+", default=["A", "B"], choices=["A", "B"],
+                        help="the settings --levers run in")
+    parser.add_argument("--reference-tokens", type=int, default=2_400_000, help="3 passes over the clean math: a reference "
+                        "clearly better on the target than the learners get (600k, under one pass, is not)")
     parser.add_argument("--reference-preset", help="a larger reference than the learner (setting A; default: the same)")
     parser.add_argument("--ratio", type=float, default=0.6, help="the ratio of SLM, random and the document filter")
     parser.add_argument("--base-tokens", type=int, default=1_200_000)
@@ -364,7 +367,7 @@ def main() -> None:
         for setting in args.settings:
             for i, seed in enumerate(args.seeds):
                 r = run_setting(setting, preset, seed, stores, files, args, out / f"{setting}-{preset}-seed{seed}",
-                                args.levers if i == 0 else [])
+                                args.levers if i == 0 and setting in args.lever_settings else [])
                 results.append(r)
                 print(f"{setting}/{preset}/seed {seed}: " + ", ".join(
                     f"{m} {format_efficiency(e, r['reached'][m])}" for m, e in r["efficiency"].items()), flush=True)
