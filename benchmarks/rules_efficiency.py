@@ -50,8 +50,9 @@ def start_model(cfg: TrainConfig, folder: Path) -> str:
     return str(path)
 
 
-def compare(folder: Path) -> dict:
+def compare(folder: Path, threads: int | None = None) -> dict:
     slm = config_from_dict(TrainConfig, load_yaml(str(folder / "slm" / "config.yaml")), str(folder))
+    slm = replace(slm, threads=threads or slm.threads)
     key = target_key(json.loads((folder / "clm" / "summary.json").read_text()))
     clm = read_curve(folder / "clm" / "metrics.jsonl", key)
     result = {"folder": str(folder), "target": key, "tokens": slm.max_tokens, "efficiency": {}, "reached": {},
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--preset", default="default")
     parser.add_argument("--out", default="runs/bench-rules")
+    parser.add_argument("--threads", type=int)
     args = parser.parse_args()
     transformers.utils.logging.disable_progress_bar()
     folders = [Path(f) for f in args.runs]
@@ -93,7 +95,7 @@ def main() -> None:
             folders.append(folder)
     if not folders:
         parser.error("pass --runs FOLDER ... or --demo")
-    results = [compare(f) for f in folders]
+    results = [compare(f, args.threads) for f in folders]
     print("\nmedian over " + ", ".join(f.name for f in folders) + ":")
     for name in VARIANTS:
         values = [r["efficiency"][name] for r in results]
