@@ -98,10 +98,19 @@ class CrossTokenizerReference:
             self.ref_bytes = token_bytes(tokenizer)
         except ValueError:
             self.ref_bytes = None
+        from rho1.data.tokenizer import tokenizer_hash
+
         self.learner_eos = learner_tokenizer.eos_token_id
         self.eos = tokenizer.eos_token_id
-        self.bos = tokenizer.bos_token_id
+        if self.eos is None:
+            raise ValueError("the reference tokenizer has no EOS token, which --cross-tokenizer needs between the "
+                             "documents of a window; set tokenizer.eos_token")
+        # a BOS gives the reference's first token a prediction; with the learner's own tokenizer, the direct
+        # path's windows have none, so neither does this one
+        same = tokenizer_hash(tokenizer) == tokenizer_hash(learner_tokenizer)
+        self.bos = None if same else tokenizer.bos_token_id
         self.max_length = max_length or getattr(model.config, "max_position_embeddings", 2048)
+        self._linear_head: bool | None = None
 
     cross_tokenizer = True  # rho1.head.batch_token_losses asks this object for its losses
 
@@ -141,7 +150,7 @@ class CrossTokenizerReference:
         j = 0
         while j < len(ids):
             if self.learner_bytes[ids[j]] is None:  # EOS (or another special token): the reference's EOS
-                ref_ids.append(self.eos if self.eos is not None else ids[j])
+                ref_ids.append(self.eos)
                 cover.append(("eos", j))
                 j += 1
                 continue
@@ -181,40 +190,41 @@ class CrossTokenizerReference:
     def losses(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Projected reference losses, shaped like ``input_ids`` [windows, L]: ``out[b, t]`` is the loss of
         learner token ``t + 1`` given the window (the labels' convention), NaN where there is none."""
+        from rho1.head import batch_token_losses, head_is_linear
+
         device = next(self.model.parameters()).device
         windows = [self._window(row.tolist()) for row in input_ids.cpu()]
-        width = max(len(w[0]) for w in windows)
-        pad = self.eos if self.eos is not None else 0
-        batch = torch.full((len(windows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(windows), width), dtype=torch.long)
-        for b, (ref_ids, _, _) in enumerate(windows):
-            batch[b, : len(ref_ids)] = torch.tensor(ref_ids)
-            mask[b, : len(ref_ids)] = 1
-        keep = min(width, self.max_length)
-        logits = self.model(input_ids=batch[:, -keep:].to(device), attention_mask=mask[:, -keep:].to(device)).logits
-        labels = torch.where(mask[:, -keep:][:, 1:] > 0, batch[:, -keep:][:, 1:], IGNORE_INDEX).to(device)
-        ref_loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, reduction="none",
-                                                     ignore_index=IGNORE_INDEX).double().cpu()
+        # each row right-padded, longer ones cut to their last max_length ids (the cut part gets no loss)
+        cut = [max(0, len(w[0]) - self.max_length) for w in windows]
+        width = max(len(w[0]) - c for w, c in zip(windows, cut))
+        batch = torch.full((len(windows), width), self.eos, dtype=torch.long)
+        labels = torch.full((len(windows), width), IGNORE_INDEX, dtype=torch.long)
+        for b, ((ref_ids, _, _), c) in enumerate(zip(windows, cut)):
+            row = torch.tensor(ref_ids[c:])
+            batch[b, : len(row)] = row
+            labels[b, : len(row) - 1] = row[1:]
+        batch = batch.to(device)
+        if self._linear_head is None:  # chunked losses, never the [tokens x vocab] logits, when the head allows
+            self._linear_head = head_is_linear(self.model, batch[:1, :32])
+        ref_loss = batch_token_losses(self.model, batch, labels.to(device),
+                                      head_of=self.model if self._linear_head else None).double().cpu()
         out = torch.full(input_ids.shape, float("nan"), dtype=torch.float64)
-        for b, (ref_ids, cover, runs) in enumerate(windows):
-            offset = width - keep  # reference positions cut off the front have no loss
-            losses = [float("nan")] * len(ref_ids)
-            for k in range(1, len(ref_ids)):
-                if k - 1 - offset >= 0 and mask[b, k]:
-                    losses[k] = float(ref_loss[b, k - 1 - offset])
+        for b, ((ref_ids, cover, runs), c) in enumerate(zip(windows, cut)):
+            losses = [float("nan")] * len(ref_ids)  # losses[k]: of reference token k, given the ones before it
+            for k in range(c + 1, len(ref_ids)):
+                losses[k] = float(ref_loss[b, k - 1 - c])
             out[b] = torch.from_numpy(_project(losses, cover, runs, input_ids.shape[1]))
         out[:, 0] = float("nan")  # the window's first token has no prediction (as in the direct path)
         return torch.cat([out[:, 1:], torch.full((out.shape[0], 1), float("nan"), dtype=out.dtype)], 1).float()
 
 
 def _project(losses: list[float], cover: list, runs: list, length: int) -> np.ndarray:
-    """Per learner token (positions 0..length-1): the sum of the reference losses spread over its bytes."""
+    """Per learner token (positions 0..length-1): the sum of the reference losses spread over its bytes, NaN
+    when one of its bytes has no reference loss (not covered, or covered by a token without one)."""
     out = np.full(length, np.nan)
     byte_loss = [np.zeros(int(r[1][-1])) for r in runs]
+    covered = [np.zeros(int(r[1][-1]), dtype=bool) for r in runs]
     blocked = [np.zeros(int(r[1][-1]), dtype=bool) for r in runs]
-    for r, (_, _, head, usable) in enumerate(runs):
-        blocked[r][:head] = True  # an incomplete character at the window's edge: no reference loss there
-        blocked[r][usable:] = True
     for loss, what in zip(losses, cover):
         if what is None:
             continue
@@ -222,18 +232,18 @@ def _project(losses: list[float], cover: list, runs: list, length: int) -> np.nd
             out[what[1]] = loss
             continue
         run, start, end = what
+        head = runs[run][2]
         if end == start:  # no byte of its own: onto the last byte before it
-            start = max(end - 1, 0)
-            if end == 0:
-                end = 1
+            start, end = max(end - 1, head), max(end, head + 1)
         if np.isnan(loss):
             blocked[run][start:end] = True
         else:
             byte_loss[run][start:end] += loss / (end - start)
+            covered[run][start:end] = True
     for r, (first, offsets, _, _) in enumerate(runs):
         for i in range(len(offsets) - 1):
             a, b = int(offsets[i]), int(offsets[i + 1])
-            if b > a and not blocked[r][a:b].any():
+            if b > a and covered[r][a:b].all() and not blocked[r][a:b].any():
                 out[first + i] = byte_loss[r][a:b].sum()
     return out
 

@@ -6,7 +6,8 @@ nanotron, torchtitan, axolotl, TRL, ``transformers.Trainer``) then trains on the
 This is SLM with the excess loss measured once, against the fixed ``--model`` (the planned run's starting
 model), instead of against the model being trained at each step: the selection cannot follow what the model
 has already learned. Tokens are ranked in groups of ``--batch-size`` windows, as `rho1 train` ranks one
-micro-batch, so the first group is exactly what `rho1 train` selects at its first step.
+micro-batch, so the first group is what `rho1 train` selects at its first step (with one process, no
+gradient accumulation and full precision; float rounding aside).
 
 Layout: ``OUT/parquet/part-00000.parquet ...`` (columns ``input_ids``, ``labels`` and, for soft rules or with
 ``--weights``, ``weights``), ``OUT/dataset/`` and ``OUT/manifest.json`` naming the store, scores, model and
@@ -33,6 +34,7 @@ from rho1.progress import progress_bar
 from rho1.selection import get_rule, select_from_token_loss
 
 EXPORT_FORMAT = "rho1-export-1"
+MARKER = ".rho1-export-in-progress"
 
 
 def _check_out(out: Path) -> Path:
@@ -41,8 +43,10 @@ def _check_out(out: Path) -> Path:
     if out.exists():
         raise ValueError(f"--out {out} already exists; choose a new folder (an export never replaces anything)")
     partial = out.with_name(out.name + ".partial")
-    if partial.exists():  # what an interrupted export of ours left
-        shutil.rmtree(partial)
+    if partial.exists():
+        if not (partial / MARKER).is_file():
+            raise ValueError(f"{partial} exists and was not left by `rho1 export`; move it away or choose another --out")
+        shutil.rmtree(partial)  # what an interrupted export of ours left
     return partial
 
 
@@ -98,6 +102,7 @@ def export(cfg: ExportConfig, progress: bool = True) -> dict:
     n_windows = store.num_windows(cfg.seq_len)
     order = WindowOrder(n_windows, cfg.seed).take(0, n_windows)  # one epoch, in rho1 train's order
     (partial / "parquet").mkdir(parents=True)
+    (partial / MARKER).write_text("")
     shards, writer, in_shard = [], None, 0
     totals = {"valid": 0, "selected": 0, "weight": 0.0}
     bar = progress_bar(total=n_windows * cfg.seq_len, desc="export", unit="tok", unit_scale=True, disable=not progress)
@@ -130,7 +135,10 @@ def export(cfg: ExportConfig, progress: bool = True) -> dict:
         bar.close()
     import datasets
 
-    datasets.Dataset.from_parquet([str(partial / s) for s in shards]).save_to_disk(str(partial / "dataset"))
+    cache = partial / "cache"  # datasets' own copy of the shards stays inside --out's partial folder
+    datasets.Dataset.from_parquet([str(partial / s) for s in shards], cache_dir=str(cache)).save_to_disk(
+        str(partial / "dataset"))
+    shutil.rmtree(cache, ignore_errors=True)
     manifest = {
         "format": EXPORT_FORMAT, "token_store": str(store.path.resolve()), "token_store_hash": store.hash,
         "tokenizer_hash": store.tokenizer_hash, "scores": str(Path(cfg.scores).resolve()) if cfg.scores else None,
@@ -142,9 +150,12 @@ def export(cfg: ExportConfig, progress: bool = True) -> dict:
         "valid_tokens": totals["valid"], "tokens_with_a_label": totals["selected"],
         "frac_selected": totals["weight"] / max(totals["valid"], 1),
         "note": "static selection: the excess loss was measured once against --model, not against the model being "
-                "trained; labels are -100 where the rule drops a token",
+                "trained; labels are -100 where the rule gives a token no weight"
+                + ("; a soft rule gives almost every token some weight, so use the weights column (a trainer that "
+                   "ignores it trains on nearly every token)" if not get_rule(cfg.rule).hard else ""),
     }
     (partial / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (partial / MARKER).unlink()
     os.replace(partial, out)
     if progress:
         print(f"export: {n_windows:,} windows, {manifest['frac_selected']:.1%} of {totals['valid']:,} tokens kept "

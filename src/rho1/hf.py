@@ -8,8 +8,9 @@
 Reference losses come from a reference model run inside ``compute_loss`` (online, under ``no_grad``) or
 from a ScoreStore: then each example carries ``offset``, the stream position of its first token in the
 store the scores belong to (``windows_dataset`` makes such examples), and the collator looks them up.
-The loss is the selected tokens' cross-entropy summed over the whole optimizer step (all accumulated
-micro-batches, all processes) divided by the number of tokens selected in it, as in `rho1 train`.
+With the default ``topk`` rule the loss is the selected tokens' cross-entropy summed over the whole
+optimizer step (all accumulated micro-batches, all processes) divided by the number of tokens selected in
+it, as in `rho1 train`; other rules take the weighted mean of each micro-batch (see SelectiveTrainer).
 Labels of ``-100`` (padding, SFT prompt tokens) are never selected.
 """
 
@@ -51,7 +52,7 @@ class SelectiveCollator:
                  store: TokenStore | None = None):
         if pad_token_id is None:
             pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_token_id, self.scores = pad_token_id, scores
+        self.pad_token_id, self.scores, self.tokenizer = pad_token_id, scores, tokenizer
         # the scored corpus, to check each example's tokens against it
         self.store = store or (TokenStore.open(scores.manifest["token_store"]) if scores is not None else None)
 
@@ -111,6 +112,9 @@ class SelectiveTrainer(Trainer):
             raise ValueError(f"loss_impl must be auto or logits, got {loss_impl!r}")
         self.loss_impl = loss_impl
         self._chunked_head: bool | None = None  # decided at the first batch (see _use_chunked_head)
+        if reference_tokenizer is not None and reference_model is None:
+            raise ValueError("SelectiveTrainer(reference_tokenizer=...) is the tokenizer of reference_model=...; "
+                             "pass the reference model too")
         if reference_model is not None and reference_tokenizer is not None:  # another tokenizer than the learner's
             learner_tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
             if learner_tokenizer is None:

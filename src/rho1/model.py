@@ -84,10 +84,17 @@ def check_model_fits(model, store, model_name: str, cross_tokenizer_hint: bool =
             + hint
         )
     tok_dir = Path(model_name)
-    if (tok_dir / "tokenizer_config.json").is_file() or (tok_dir / "tokenizer.json").is_file():
+    local = (tok_dir / "tokenizer_config.json").is_file() or (tok_dir / "tokenizer.json").is_file()
+    if local or not tok_dir.exists():  # a folder with a tokenizer, or a hub name (its tokenizer when there is one)
         from rho1.data.tokenizer import load_tokenizer, tokenizer_hash
 
-        if tokenizer_hash(load_tokenizer(tok_dir)) != store.tokenizer_hash:
+        try:
+            tokenizer = load_tokenizer(tok_dir if local else model_name)
+        except ValueError:
+            if local:
+                raise
+            return
+        if tokenizer_hash(tokenizer) != store.tokenizer_hash:
             raise ValueError(
                 f"model {model_name} comes with another tokenizer than TokenStore {store.path}; "
                 f"prepare the store with `rho1 prepare --tokenizer {model_name}`" + hint

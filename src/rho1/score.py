@@ -70,7 +70,8 @@ def _mark_done(out: Path, chunk: int) -> None:
 def _reference_model(cfg: ScoreConfig, store: TokenStore, device):
     """The reference model, held in the compute dtype (as `rho1 train --reference` holds it)."""
     model = load_reference(cfg.model, store, cfg.cross_tokenizer, compute_dtype(cfg.precision), cfg.trust_remote_code)
-    if cfg.seq_len > model.config.max_position_embeddings:
+    # (a reference with another tokenizer reads the window's text and cuts it to its own length itself)
+    if not cfg.cross_tokenizer and cfg.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} is longer than model {cfg.model} supports "
                          f"({model.config.max_position_embeddings}); pass a smaller --seq-len")
     return model.to(device)

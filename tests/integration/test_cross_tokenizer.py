@@ -146,6 +146,24 @@ def test_window_edge_inside_a_character_is_not_selectable(unicode_store, other_r
     assert torch.isfinite(projected[: seq_len - 3]).sum() > seq_len // 2
 
 
+def test_a_reference_shorter_than_the_window_scores_the_end_of_each_row(unicode_store, other_reference):
+    from rho1.data.tokenizer import load_tokenizer
+    from rho1.model import load_model
+
+    learner_tok = unicode_store.tokenizer()
+    model, tok = load_model(str(other_reference)), load_tokenizer(other_reference)
+    full = CrossTokenizerReference(model, tok, learner_tok)
+    short = CrossTokenizerReference(model, tok, learner_tok, max_length=24)
+    batch = make_batch(unicode_store, [0, 1, 2], SEQ_LEN)
+    lengths = [len(full._window(row.tolist())[0]) for row in batch.input_ids]
+    assert max(lengths) > 24 and len(set(lengths)) > 1  # rows of different lengths, all cut
+    cut = short.losses(batch.input_ids)
+    for b in range(len(lengths)):
+        finite = torch.isfinite(cut[b]).nonzero().flatten()
+        assert len(finite) > 5 and finite.min() > SEQ_LEN // 3  # only the end of each row is scored
+        assert torch.isnan(cut[b, : SEQ_LEN // 3]).all()
+
+
 def test_cross_tokenizer_scores_train_slm_and_a_mismatch_names_the_flag(stores, other_reference, tmp_path):
     store = stores["corpus"]
     plain = subprocess.run([sys.executable, "-m", "rho1", "score", "--data", str(store.path), "--model",

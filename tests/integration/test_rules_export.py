@@ -81,6 +81,18 @@ def test_soft_and_threshold_runs_log_their_weights(stores, corpus_scores, tmp_pa
     assert all(r["excess_loss_selected"] > 1.0 for r in steps if r["frac_selected"] > 0)
 
 
+def test_a_step_that_selects_nothing_does_not_move_the_weights(stores, corpus_scores, start_model, tmp_path):
+    from safetensors.torch import load_file
+
+    train(TrainConfig(data=str(stores["corpus"].path), scores=str(corpus_scores.path), model=str(start_model),
+                      out=str(tmp_path / "run"), objective="slm", rule="threshold", threshold=1e9, seq_len=SEQ_LEN,
+                      batch_size=4, max_tokens=2 * 4 * SEQ_LEN), progress=False)
+    steps = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
+    assert len(steps) == 2 and all(r["selected"] == 0 for r in steps)
+    before, after = load_file(start_model / "model.safetensors"), load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in after)  # AdamW's weight decay did not run either
+
+
 def _rho1(*args):
     return subprocess.run([sys.executable, "-m", "rho1", *args], env=ENV, capture_output=True, text=True)
 
@@ -177,5 +189,10 @@ def test_export_refuses_bad_input_in_one_sentence(stores, corpus_scores, start_m
         assert result.returncode == 2, result.stderr
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr
+    (tmp_path / "d.partial").mkdir()  # not ours: never removed
+    (tmp_path / "d.partial" / "data.bin").write_text("x")
+    result = _rho1(*base, "--out", str(tmp_path / "d"))
+    assert result.returncode == 2 and "was not left by `rho1 export`" in result.stderr
+    assert (tmp_path / "d.partial" / "data.bin").read_text() == "x"
     assert (tmp_path / "taken" / "notes.txt").read_text() == "keep me"
     assert not any((tmp_path / n).exists() for n in ("a", "b", "c"))

@@ -176,6 +176,8 @@ def select_from_token_loss(
             weights = weights[rank * rows : (rank + 1) * rows]
     mask = weights >= 0.5
     loss_sum = torch.where(weights > 0, token_loss * weights, torch.zeros_like(token_loss)).sum()
+    if rule != "topk" and not torch.isfinite(token_loss.detach()[valid]).all():
+        loss_sum = loss_sum + float("nan")  # a diverged model stops (or skips the step) whatever the rule keeps
     loss = loss_sum / max(total, 1e-12) if total > 0 else loss_sum * 0.0
     stats = selection_stats(token_loss, ref_loss, mask, valid, None if chosen.hard else weights)
     return Selection(loss, loss_sum, mask, total, n_valid, token_loss.detach(), stats, weights)

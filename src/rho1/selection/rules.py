@@ -32,6 +32,8 @@ def register_rule(name: str, fn: Callable, help: str = "", hard: bool = True) ->
     replaces it."""
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"a selection rule's name must be letters, digits, - or _, got {name!r}")
+    if name in BUILT_IN and fn is not BUILT_IN[name]:
+        raise ValueError(f"{name!r} is a built-in selection rule; register yours under another name")
     RULES[name] = SelectionRule(name, fn, help, hard)
     return RULES[name]
 
@@ -83,6 +85,7 @@ def threshold(scores, valid, ratio, threshold: float = 0.0, **options):
     return above.float()
 
 
+BUILT_IN = {"topk": topk, "soft": soft, "threshold": threshold}
 register_rule("topk", topk, "the top --ratio of tokens by score (the paper's rule)")
 register_rule("soft", soft, "a weight per token, sigmoid((score - top-k threshold) / --temperature)", hard=False)
 register_rule("threshold", threshold, "the tokens scoring above --threshold, at most the top --ratio of them")

@@ -318,7 +318,9 @@ def train_step(run: Run, step: int) -> StepResult:
             sums = label_sums(batch, selection, valid, len(run.store.label_names))
             result.labels = sums if result.labels is None else result.labels + sums
     result.selected = float(acc.reduce(n_selected, "sum"))
-    if 0 < result.selected != float(n_valid):  # fewer tokens than the valid ones were kept (or weights below 1)
+    if result.selected == 0:  # e.g. a threshold no token passed: no update (AdamW would still move the weights)
+        return result
+    if result.selected != float(n_valid):  # fewer tokens than the valid ones were kept (or weights below 1)
         scale_gradients(run.model, float(n_valid) / result.selected)
     if cfg.grad_clip:
         grad_norm = acc.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
