@@ -352,7 +352,15 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-real")
     parser.add_argument("--result", default="result.json", help="file under OUT the results go to (runs already "
                         "finished under OUT are reused, so more levers can be added to an earlier benchmark)")
+    parser.add_argument("--combine", nargs="+", metavar="RESULT_JSON",
+                        help="only print the table of the runs in these result files (from separate invocations)")
     args = parser.parse_args()
+    if args.combine:
+        results = [r for f in args.combine for r in json.loads(Path(f).read_text())["runs"]]
+        table = report(results)
+        Path(args.out, args.result).write_text(json.dumps({"combined": args.combine, "runs": results, "table": table},
+                                                          indent=2, default=str))
+        return
     data_dir = check_data_dir(args.data_dir)
     import transformers
 
