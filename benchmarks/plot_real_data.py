@@ -1,7 +1,7 @@
 """The README's real-data figure from real_data_efficiency.py's result.json files: token efficiency against
 model size (median over seeds, min-max bars) and the first seed's target-loss curves.
 
-    .venv/bin/python benchmarks/plot_real_data.py runs/bench-real-v2 [more result folders] --out docs/real_data.png
+    .venv/bin/python benchmarks/plot_real_data.py runs/bench-real-v2/result*.json --out docs/real_data.png
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ CURVES = {"clm": ("CLM", "C0"), **METHODS}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", nargs="+", help="folders holding result.json")
+    parser.add_argument("results", nargs="+", help="result files (or folders holding result.json)")
     parser.add_argument("--out", default="docs/real_data.png")
     args = parser.parse_args()
-    runs = [(Path(folder), run) for folder in args.results
-            for run in json.loads((Path(folder) / "result.json").read_text())["runs"]]
+    files = [Path(f) / "result.json" if Path(f).is_dir() else Path(f) for f in args.results]
+    runs = [(f.parent, run) for f in files for run in json.loads(f.read_text()).get("runs", [])
+            if "combined" not in json.loads(f.read_text())]
     settings = sorted({r["setting"] for _, r in runs})
     fig, axes = plt.subplots(1, 1 + len(settings), figsize=(5 + 4.5 * len(settings), 3.8), dpi=110)
     ax = axes[0]
