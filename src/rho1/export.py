@@ -32,6 +32,7 @@ from rho1.head import batch_token_losses, linear_head_of
 from rho1.model import check_model_fits, load_model, model_hash
 from rho1.progress import progress_bar
 from rho1.selection import get_rule, select_from_token_loss
+from rho1.threads import set_threads
 
 EXPORT_FORMAT = "rho1-export-1"
 MARKER = ".rho1-export-in-progress"
@@ -89,7 +90,7 @@ def export(cfg: ExportConfig, progress: bool = True) -> dict:
     """Write the selected windows to ``cfg.out``; returns the manifest."""
     cfg.check()
     if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+        set_threads(cfg.threads)  # leaves torch alone when it already uses that many
     out = Path(cfg.out)
     partial = _check_out(out)
     store, scores = open_with_scores(cfg.data, cfg.scores, cfg.seq_len, "export")

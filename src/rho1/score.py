@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from rho1.accel import compute_dtype, make_accelerator
 from rho1.align import PROJECTION, load_reference
@@ -32,6 +31,7 @@ from rho1.data.tokenizer import tokenizer_hash
 from rho1.head import linear_head_of, token_losses
 from rho1.model import model_hash
 from rho1.progress import progress_bar
+from rho1.threads import set_threads
 
 
 def _check_same_job(out: Path, identity: dict) -> None:
@@ -109,7 +109,7 @@ def score(cfg: ScoreConfig, progress: bool = True) -> ScoreStore:
     """Every token's reference loss -> a ScoreStore at ``cfg.out`` (resumed when it holds this job)."""
     cfg.check()
     if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+        set_threads(cfg.threads)  # leaves torch alone when it already uses that many
     check_writable(cfg.out)
     store = TokenStore.open(cfg.data).verify()
     accelerator = make_accelerator(cfg.precision)

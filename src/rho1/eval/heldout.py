@@ -11,6 +11,7 @@ from rho1.config import EvalConfig
 from rho1.data.store import TokenStore
 from rho1.head import linear_head_of, token_losses
 from rho1.selection import num_selected, select_top
+from rho1.threads import set_threads
 
 
 def fixed_selection(losses: np.ndarray, ref: np.ndarray, ratio: float) -> np.ndarray:
@@ -54,7 +55,7 @@ def evaluate_model(cfg: EvalConfig, progress: bool = True) -> dict:
 
     cfg.check()
     if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+        set_threads(cfg.threads)  # leaves torch alone when it already uses that many
     stores = [TokenStore.open(p).verify() for p in cfg.data]
     scores = [ScoreStore.open(s, st).verify() if s else None for s, st in zip(cfg.scores or [""] * len(stores), stores)]
     seq_len = cfg.seq_len or next((s.seq_len for s in scores if s is not None), 256)

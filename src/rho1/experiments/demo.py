@@ -15,8 +15,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from rho1.analysis.dynamics import DynamicsConfig, compute_dynamics
 from rho1.analysis.report import ReportConfig, report
 from rho1.analysis.viewer import ViewConfig, build_view, run_checkpoint_columns
@@ -29,6 +27,7 @@ from rho1.eval.curves import format_efficiency, read_curve, token_efficiency
 from rho1.experiments import demo_data
 from rho1.model import load_model
 from rho1.score import ScoreConfig, score
+from rho1.threads import set_threads
 from rho1.train import TrainConfig, train
 
 MATH_TEMPLATE = QA_TEMPLATE
@@ -41,7 +40,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     cfg.check()
     check_writable(cfg.out)
     if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+        set_threads(cfg.threads)  # leaves torch alone when it already uses that many
     start = time.time()
     files = demo_data.generate(Path(cfg.out) / "data", cfg.seed, cfg.n_reference, cfg.n_web, cfg.n_heldout,
                                cfg.n_offtarget, cfg.math_share, cfg.wrong_share)

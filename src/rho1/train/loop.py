@@ -35,6 +35,7 @@ from rho1.selection import (
     token_cross_entropy,
     valid_mask,
 )
+from rho1.threads import set_threads
 from rho1.train.checkpoint import Checkpointer, check_run_folder, latest_checkpoint
 from rho1.train.evaluator import Evaluator
 
@@ -171,7 +172,7 @@ def setup(cfg: TrainConfig, progress: bool = True) -> Run:
     """Check everything, then build the run: data, models, optimizer, evaluator, resumed position."""
     cfg.check()
     if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+        set_threads(cfg.threads)  # leaves torch alone when it already uses that many
     out = Path(cfg.out)
     resume_from = check_run_folder(out, cfg.resume)
     accelerator = make_accelerator(cfg.precision)
