@@ -61,8 +61,11 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def _write(path: Path, records: list[dict]) -> Path:
+    """Write ``records`` as jsonl, unless the file already holds exactly them (another run may be reading it)."""
+    text = "".join(json.dumps(r) + "\n" for r in records)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
     return path
 
 
@@ -117,15 +120,16 @@ def build_corpora(data_dir: Path, out: Path, n_reference: int = 4000, n_solved: 
 
 
 def prepare_stores(files: dict, out: Path, vocab: int) -> dict:
-    noisy = prepare(PrepareConfig([str(files["noisy"])], str(out / "noisy"), train_tokenizer=vocab,
-                                  label_field="source", overwrite=True), progress=False)
-    tok = dict(tokenizer=str(noisy.path), overwrite=True)
-    math = dict(template=QA_TEMPLATE, target_field="answer", **tok)
-    return {"noisy": noisy,
-            "reference": prepare(PrepareConfig([str(files["reference"])], str(out / "reference"), **math), False),
-            "heldout": prepare(PrepareConfig([str(files["heldout"])], str(out / "heldout"), **math), False),
-            "general": prepare(PrepareConfig([str(files["general"])], str(out / "general"), **tok), False),
-            "offtarget": prepare(PrepareConfig([str(files["offtarget"])], str(out / "offtarget"), **tok), False)}
+    """The TokenStores (those an earlier run of this benchmark made are kept: other runs may be reading them)."""
+    def store(name: str, **kw) -> TokenStore:
+        if (out / name / "manifest.json").is_file():
+            return TokenStore.open(out / name).verify()
+        return prepare(PrepareConfig([str(files[name])], str(out / name), overwrite=True, **kw), progress=False)
+
+    noisy = store("noisy", train_tokenizer=vocab, label_field="source")
+    math = dict(template=QA_TEMPLATE, target_field="answer", tokenizer=str(noisy.path))
+    return {"noisy": noisy, "reference": store("reference", **math), "heldout": store("heldout", **math),
+            "general": store("general", tokenizer=str(noisy.path)), "offtarget": store("offtarget", tokenizer=str(noisy.path))}
 
 
 def document_filter(stores: dict, start_model: str, scores: ScoreStore, noisy_file: Path, out: Path, ratio: float,
