@@ -38,6 +38,8 @@ def summarize(losses: np.ndarray, store: TokenStore, ref: np.ndarray | None = No
     if ref is not None:
         ref = np.asarray(ref, dtype=np.float32)
         metrics["ref_loss"] = _mean(ref, evaluated)
+        if store.target_mask is not None:
+            metrics["ref_target_loss"] = _mean(ref, evaluated & (np.asarray(store.target_mask) > 0))
         if selected is not None:
             metrics["selected_loss"] = _mean(losses, evaluated & selected)
             metrics["unselected_loss"] = _mean(losses, evaluated & ~selected & np.isfinite(ref))

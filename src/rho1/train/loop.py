@@ -456,8 +456,25 @@ def finish(run: Run, last_eval: dict, seconds: float, first_tokens: int, progres
                               if isinstance(v, float) and k.endswith("loss"))
             print(f"train {run.name}: {run.tokens:,} tokens in {seconds:.1f}s ({summary['tokens_per_second']:,.0f} "
                   f"tokens/s, {run.parameters / 1e6:.2f}M parameters) -> {out / 'final'}" + (f"; {shown}" if shown else ""))
+            if run.selecting and (note := reference_note(last_eval)):
+                print(note)
     run.accelerator.wait_for_everyone()
     return summary
+
+
+def reference_note(metrics: dict) -> str | None:
+    """A word when the model ends better than the reference on a held-out target: from there the excess loss
+    has little left to steer by (on real data, SLM with a reference trained under one pass over its data
+    never caught up with CLM; trained for three passes, it did; see benchmarks/BENCHMARKS.md)."""
+    for key, value in metrics.items():
+        if key.endswith("/target_loss") and isinstance(value, float):
+            ref = metrics.get(key.replace("/target_loss", "/ref_target_loss"))
+            if isinstance(ref, float) and value < ref:
+                store = key.split("/")[1]
+                return (f"note: the model now beats the reference on {store}'s target tokens ({value:.4f} vs "
+                        f"{ref:.4f}), so the excess loss has little left to select by; a reference trained longer "
+                        "or larger usually helps")
+    return None
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
