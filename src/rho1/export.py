@@ -137,8 +137,15 @@ def export(cfg: ExportConfig, progress: bool = True) -> dict:
     import datasets
 
     cache = partial / "cache"  # datasets' own copy of the shards stays inside --out's partial folder
-    datasets.Dataset.from_parquet([str(partial / s) for s in shards], cache_dir=str(cache)).save_to_disk(
-        str(partial / "dataset"))
+    bars = datasets.is_progress_bar_enabled()
+    if not progress:
+        datasets.disable_progress_bars()
+    try:
+        datasets.Dataset.from_parquet([str(partial / s) for s in shards], cache_dir=str(cache)).save_to_disk(
+            str(partial / "dataset"))
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     shutil.rmtree(cache, ignore_errors=True)
     manifest = {
         "format": EXPORT_FORMAT, "token_store": str(store.path.resolve()), "token_store_hash": store.hash,
