@@ -31,7 +31,7 @@ from rho1.train import train
 
 VARIANTS = {"topk": {}, "soft-0.1": dict(rule="soft", temperature=0.1), "soft-0.5": dict(rule="soft", temperature=0.5),
             "threshold-0": dict(rule="threshold", threshold=0.0), "threshold-0.5": dict(rule="threshold", threshold=0.5),
-            "static": None}
+            "static": dict(ratio=None), "static-1.0": dict(ratio=1.0)}  # static-1.0: the Trainer with every label
 
 
 def start_model(cfg: TrainConfig, folder: Path) -> str:
@@ -50,7 +50,7 @@ def start_model(cfg: TrainConfig, folder: Path) -> str:
     return str(path)
 
 
-def compare(folder: Path, threads: int | None = None) -> dict:
+def compare(folder: Path, threads: int | None = None, variants: list[str] | None = None) -> dict:
     slm = config_from_dict(TrainConfig, load_yaml(str(folder / "slm" / "config.yaml")), str(folder))
     slm = replace(slm, threads=threads or slm.threads)
     key = target_key(json.loads((folder / "clm" / "summary.json").read_text()))
@@ -58,10 +58,12 @@ def compare(folder: Path, threads: int | None = None) -> dict:
     result = {"folder": str(folder), "target": key, "tokens": slm.max_tokens, "efficiency": {}, "reached": {},
               "target_loss": {"clm": clm[-1][1]}, "seconds": {}}
     for name, change in VARIANTS.items():
+        if variants and name not in variants:
+            continue
         out = folder / ("slm" if name == "topk" else f"rule-{name}")
         start = time.time()
-        if name == "static":
-            static_run(slm, start_model(slm, folder), slm.scores, out)
+        if name.startswith("static"):  # rho1 export + a plain transformers.Trainer (static-1.0: CLM that way)
+            static_run(replace(slm, ratio=change["ratio"] or slm.ratio), start_model(slm, folder), slm.scores, out)
         elif not (out / "summary.json").is_file():
             train(replace(slm, out=str(out), **change), progress=False)
         result["seconds"][name] = round(time.time() - start, 1)
@@ -81,6 +83,7 @@ def main() -> None:
     parser.add_argument("--preset", default="default")
     parser.add_argument("--out", default="runs/bench-rules")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="only these (default: all)")
     args = parser.parse_args()
     transformers.utils.logging.disable_progress_bar()
     folders = [Path(f) for f in args.runs]
@@ -95,13 +98,14 @@ def main() -> None:
             folders.append(folder)
     if not folders:
         parser.error("pass --runs FOLDER ... or --demo")
-    results = [compare(f, args.threads) for f in folders]
+    results = [compare(f, args.threads, args.variants) for f in folders]
     print("\nmedian over " + ", ".join(f.name for f in folders) + ":")
-    for name in VARIANTS:
+    for name in [n for n in VARIANTS if all(n in r["efficiency"] for r in results)]:
         values = [r["efficiency"][name] for r in results]
         print(f"  {name:<14} {statistics.median(values):.2f}x  (min {min(values):.2f}x, max {max(values):.2f}x)"
               f"  reached CLM's loss in {sum(r['reached'][name] for r in results)} of {len(results)}")
-    path = Path(args.out) / "rules.json" if args.demo or len(folders) > 1 else folders[0] / "rules.json"
+    name = "rules.json" if not args.variants else f"rules-{'-'.join(args.variants)}.json"
+    path = Path(args.out) / name if args.demo or len(folders) > 1 else folders[0] / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2))
     print(path)
