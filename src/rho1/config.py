@@ -104,13 +104,14 @@ class PrepareConfig:
     trust_remote_code: bool = opt(False, "run a tokenizer's own code from the hub")
     overwrite: bool = opt(False, "replace an existing TokenStore at --out (ScoreStores made from it stop matching)")
     batch_docs: int = opt(512, "documents tokenized at once", cli=False)
+    workers: int = opt(1, "tokenizing processes; the store is byte for byte the one a single process writes")
 
     def check(self) -> None:
         if not self.sources:
             raise ValueError("no sources given; pass text files, folders, .jsonl or .parquet files to prepare")
         if (self.tokenizer is None) == (self.train_tokenizer is None):
             raise ValueError("pass exactly one of --tokenizer NAME_OR_PATH or --train-tokenizer VOCAB_SIZE")
-        check_positive(self, "batch_docs")
+        check_positive(self, "batch_docs", "workers")
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import re
 import shutil
 import time
@@ -77,20 +78,51 @@ def _tokenizer(cfg: PrepareConfig, texts):
     return resolve_tokenizer(cfg.tokenizer, cfg.trust_remote_code), cfg.tokenizer
 
 
-def write_stream(folder: Path, tokenizer, documents, batch_docs: int = 512, progress: bool = True) -> dict:
+_WORKER_TOKENIZER = None
+
+
+def _start_worker(tokenizer) -> None:
+    global _WORKER_TOKENIZER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    _WORKER_TOKENIZER = tokenizer
+
+
+def _encode_in_worker(docs) -> list:
+    return list(_encode_batch(_WORKER_TOKENIZER, docs))
+
+
+def _encoded(tokenizer, batches, workers: int):
+    """``_encode_batch`` of each batch, in order: here, or in ``workers`` processes (results come back in the
+    order the batches went out, so the bytes written do not depend on the count)."""
+    if workers <= 1:
+        yield from (_encode_batch(tokenizer, batch) for batch in batches)
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(workers, _start_worker, (tokenizer,)) as pool:
+        yield from pool.imap(_encode_in_worker, batches, chunksize=1)
+
+
+def write_stream(folder: Path, tokenizer, documents, batch_docs: int = 512, progress: bool = True,
+                 workers: int = 1) -> dict:
     """Tokenize ``documents`` into ``folder`` (tokens.bin, target_mask.bin when any document has a target
-    part, doc_offsets.npy, doc_labels.npy when documents are labelled), each document followed by EOS;
-    returns the counts and hashes for the manifest."""
+    part, doc_offsets.npy, doc_labels.npy when documents are labelled), each document followed by EOS, in
+    ``workers`` processes; returns the counts and hashes for the manifest."""
     dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
     content, hashes = hashlib.sha256(), {"tokens.bin": hashlib.sha256(), "target_mask.bin": hashlib.sha256()}
     offsets, any_target, labels, label_ids = [0], False, {}, []
-    bar = progress_bar(desc="prepare", unit="tok", unit_scale=True, disable=not progress)
-    with open(folder / "tokens.bin", "wb") as ftok, open(folder / "target_mask.bin", "wb") as fmask:
+
+    def batches():
         docs = iter(documents)
         while batch := list(itertools.islice(docs, batch_docs)):
+            label_ids.extend(labels.setdefault(d.label, len(labels)) for d in batch if d.label is not None)
+            yield batch
+
+    bar = progress_bar(desc="prepare", unit="tok", unit_scale=True, disable=not progress)
+    with open(folder / "tokens.bin", "wb") as ftok, open(folder / "target_mask.bin", "wb") as fmask:
+        for encoded in _encoded(tokenizer, batches(), workers):
             before = offsets[-1]
-            label_ids += [labels.setdefault(d.label, len(labels)) for d in batch if d.label is not None]
-            for ids, mask in _encode_batch(tokenizer, batch):
+            for ids, mask in encoded:
                 arr = np.asarray(ids + [tokenizer.eos_token_id], dtype=dtype)
                 for f, h, data in ((ftok, hashes["tokens.bin"], arr.tobytes()),
                                    (fmask, hashes["target_mask.bin"], mask.tobytes())):
@@ -131,7 +163,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> TokenStore:
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    written = write_stream(tmp, tokenizer, documents(), cfg.batch_docs, progress)
+    written = write_stream(tmp, tokenizer, documents(), cfg.batch_docs, progress, cfg.workers)
     tokenizer.save_pretrained(tmp / "tokenizer")
     seconds = time.time() - start
     manifest = {"format": TOKEN_FORMAT, **{k: written[k] for k in ("dtype", "n_tokens", "n_docs")},
