@@ -196,13 +196,16 @@ class CrossTokenizerReference:
         windows = [self._window(row.tolist()) for row in input_ids.cpu()]
         # each row right-padded, longer ones cut to their last max_length ids (the cut part gets no loss)
         cut = [max(0, len(w[0]) - self.max_length) for w in windows]
-        width = max(len(w[0]) - c for w, c in zip(windows, cut))
+        width = max(1, *(len(w[0]) - c for w, c in zip(windows, cut)))
         batch = torch.full((len(windows), width), self.eos, dtype=torch.long)
         labels = torch.full((len(windows), width), IGNORE_INDEX, dtype=torch.long)
         for b, ((ref_ids, _, _), c) in enumerate(zip(windows, cut)):
-            row = torch.tensor(ref_ids[c:])
+            row = torch.tensor(ref_ids[c:], dtype=torch.long)
+            if c and self.bos is not None:  # a cut row starts with the BOS too (in place of its first kept id)
+                row[0] = self.bos
             batch[b, : len(row)] = row
-            labels[b, : len(row) - 1] = row[1:]
+            if len(row) > 1:
+                labels[b, : len(row) - 1] = row[1:]
         batch = batch.to(device)
         if self._linear_head is None:  # chunked losses, never the [tokens x vocab] logits, when the head allows
             self._linear_head = head_is_linear(self.model, batch[:1, :32])

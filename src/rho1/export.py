@@ -102,8 +102,9 @@ def export(cfg: ExportConfig, progress: bool = True) -> dict:
     with_weights = cfg.weights or not get_rule(cfg.rule).hard
     n_windows = store.num_windows(cfg.seq_len)
     order = WindowOrder(n_windows, cfg.seed).take(0, n_windows)  # one epoch, in rho1 train's order
-    (partial / "parquet").mkdir(parents=True)
-    (partial / MARKER).write_text("")
+    partial.mkdir(parents=True)
+    (partial / MARKER).write_text("")  # first in, last out: a .partial without it is not ours
+    (partial / "parquet").mkdir()
     shards, writer, in_shard = [], None, 0
     totals = {"valid": 0, "selected": 0, "weight": 0.0}
     bar = progress_bar(total=n_windows * cfg.seq_len, desc="export", unit="tok", unit_scale=True, disable=not progress)
@@ -163,8 +164,8 @@ def export(cfg: ExportConfig, progress: bool = True) -> dict:
                    "ignores it trains on nearly every token)" if not get_rule(cfg.rule).hard else ""),
     }
     (partial / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    (partial / MARKER).unlink()
     os.replace(partial, out)
+    (out / MARKER).unlink()
     if progress:
         print(f"export: {n_windows:,} windows, {manifest['frac_selected']:.1%} of {totals['valid']:,} tokens kept "
               f"({cfg.rule}) -> {out}/parquet ({len(shards)} shards), {out}/dataset")

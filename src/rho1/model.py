@@ -83,21 +83,26 @@ def check_model_fits(model, store, model_name: str, cross_tokenizer_hint: bool =
             f"{store.vocab_size} tokens; prepare the store with the model's tokenizer (--tokenizer {model_name})"
             + hint
         )
-    tok_dir = Path(model_name)
-    local = (tok_dir / "tokenizer_config.json").is_file() or (tok_dir / "tokenizer.json").is_file()
-    if local or not tok_dir.exists():  # a folder with a tokenizer, or a hub name (its tokenizer when there is one)
+    tok_dir = Path(model_name).expanduser()
+    if (tok_dir / "tokenizer_config.json").is_file() or (tok_dir / "tokenizer.json").is_file():
         from rho1.data.tokenizer import load_tokenizer, tokenizer_hash
 
-        try:
-            tokenizer = load_tokenizer(tok_dir if local else model_name)
-        except ValueError:
-            if local:
-                raise
-            return
-        if tokenizer_hash(tokenizer) != store.tokenizer_hash:
+        if tokenizer_hash(load_tokenizer(tok_dir)) != store.tokenizer_hash:
             raise ValueError(
                 f"model {model_name} comes with another tokenizer than TokenStore {store.path}; "
                 f"prepare the store with `rho1 prepare --tokenizer {model_name}`" + hint
+            )
+    elif not tok_dir.exists():  # a hub name: its tokenizer, when it can be had, must number tokens as the store does
+        from rho1.data.tokenizer import load_tokenizer
+
+        try:
+            tokenizer = load_tokenizer(model_name)
+        except Exception:  # noqa: BLE001 - offline, custom code, a missing extra: nothing to compare with
+            return
+        if len(tokenizer) != store.vocab_size or tokenizer.eos_token_id != store.manifest["eos_token_id"]:
+            raise ValueError(
+                f"model {model_name} comes with another tokenizer than TokenStore {store.path} ({len(tokenizer)} "
+                f"tokens vs {store.vocab_size}); prepare the store with `rho1 prepare --tokenizer {model_name}`" + hint
             )
 
 

@@ -31,11 +31,13 @@ def test_two_workers_write_the_bytes_of_one(data_dir, stores, tmp_path):
     assert one.n_tokens > 10 * 16 and one.manifest["n_docs"] > 3 * 16  # several batches went to each worker
 
 
-def test_a_bad_file_with_workers_is_one_sentence(stores, tmp_path):
-    bad = tmp_path / "bad.txt"
+def test_a_bad_file_with_workers_is_one_sentence(data_dir, stores, tmp_path):
+    bad = tmp_path / "bad.txt"  # after a good file, so the workers are running when it is read
     bad.write_bytes(b"fine text\n\xff\xfe not utf-8\n")
-    result = subprocess.run([sys.executable, "-m", "rho1", "prepare", str(bad), "--tokenizer", str(stores["corpus"].path),
-                             "--out", str(tmp_path / "store"), "--workers", "2"], env=ENV, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "rho1", "prepare", str(data_dir["shakespeare"]), str(bad),
+                             "--tokenizer", str(stores["corpus"].path), "--out", str(tmp_path / "store"),
+                             "--workers", "2"], env=ENV, capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "UTF-8" in result.stderr and len([x for x in result.stderr.splitlines() if x.strip()]) == 1
+    lines = [x for x in result.stderr.splitlines() if x.strip() and not x.startswith("prepare: ")]  # progress
+    assert len(lines) == 1 and "bad.txt" in lines[0] and "utf-8" in lines[0].lower()
     assert not (tmp_path / "store").exists()

@@ -83,12 +83,17 @@ def test_threshold_keeps_tokens_above_it_at_most_ratio():
     assert (logits.grad == 0).all()
 
 
-@pytest.mark.parametrize("rule", ["soft", "threshold"])
-def test_a_non_finite_learner_loss_is_not_hidden_by_a_rule(rule):
-    logits, labels, ref = _batch(6)
-    logits[2, 4] = float("nan")  # a diverged model: topk stops the run on a NaN loss, so must every rule
-    out = selective_loss(logits, labels, ref, ratio=0.5, rule=rule, rule_options={"threshold": -1.0})
-    assert torch.isnan(out.loss_sum)
+@pytest.mark.parametrize("rule", ["topk", "soft", "threshold"])
+@pytest.mark.parametrize("score", ["excess", "reference", "random"])
+def test_a_non_finite_learner_loss_is_never_hidden(rule, score):
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 7, 8), torch.randn(11, 8)
+    hidden[1, 4] = float("nan")  # a diverged model: the run must stop (or skip the step) whatever is kept
+    labels, ref = torch.randint(0, 11, (2, 7)), torch.rand(2, 7)
+    options = {"threshold": -1.0}
+    logits_path = selective_loss(hidden @ weight.T, labels, ref, 0.3, score, rule=rule, rule_options=options)
+    chunked = selective_linear_cross_entropy(hidden, weight, labels, ref, 0.3, score, rule=rule, rule_options=options)
+    assert torch.isnan(logits_path.loss_sum) and torch.isnan(chunked.loss_sum)
 
 
 @pytest.mark.parametrize("rule,options", [("topk", {}), ("soft", {"temperature": 0.3}), ("threshold", {"threshold": 0.5})])

@@ -19,8 +19,7 @@ def test_random_scores_differ_between_processes():
 def test_a_note_when_the_model_ends_better_than_the_reference_on_the_target():
     from rho1.train.loop import reference_note
 
-    beaten = {"eval/heldout/target_loss": 2.9, "eval/heldout/ref_target_loss": 3.5, "eval/other/loss": 4.0}
-    note = reference_note(beaten)
-    assert note is not None and "heldout" in note and "2.9000 vs 3.5000" in note
-    assert reference_note({"eval/heldout/target_loss": 3.1, "eval/heldout/ref_target_loss": 2.5}) is None
+    note = reference_note({"eval/heldout/target_excess_loss": -0.25, "eval/other/loss": 4.0})
+    assert note is not None and "heldout" in note and "0.2500 nats" in note
+    assert reference_note({"eval/heldout/target_excess_loss": 0.4}) is None
     assert reference_note({"eval/heldout/target_loss": 3.1}) is None  # no reference losses: nothing to say

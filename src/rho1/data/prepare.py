@@ -88,19 +88,33 @@ def _start_worker(tokenizer) -> None:
 
 
 def _encode_in_worker(docs) -> list:
-    return list(_encode_batch(_WORKER_TOKENIZER, docs))
+    return [(np.asarray(ids, dtype=np.int64), mask) for ids, mask in _encode_batch(_WORKER_TOKENIZER, docs)]
 
 
 def _encoded(tokenizer, batches, workers: int):
-    """``_encode_batch`` of each batch, in order: here, or in ``workers`` processes (results come back in the
-    order the batches went out, so the bytes written do not depend on the count)."""
+    """``_encode_batch`` of each batch, in order: here, or in ``workers`` processes (results are taken in the
+    order the batches went out, so the bytes written do not depend on the count; at most two batches per
+    worker wait, so memory stays flat)."""
     if workers <= 1:
         yield from (_encode_batch(tokenizer, batch) for batch in batches)
         return
     import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
-    with multiprocessing.get_context("spawn").Pool(workers, _start_worker, (tokenizer,)) as pool:
-        yield from pool.imap(_encode_in_worker, batches, chunksize=1)
+    try:
+        with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _start_worker, (tokenizer,)) as pool:
+            pending = deque()
+            for batch in batches:
+                pending.append(pool.submit(_encode_in_worker, batch))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise ValueError(f"a tokenizing process died (out of memory?); run again with fewer --workers than "
+                         f"{workers}") from None
 
 
 def write_stream(folder: Path, tokenizer, documents, batch_docs: int = 512, progress: bool = True,
@@ -123,7 +137,7 @@ def write_stream(folder: Path, tokenizer, documents, batch_docs: int = 512, prog
         for encoded in _encoded(tokenizer, batches(), workers):
             before = offsets[-1]
             for ids, mask in encoded:
-                arr = np.asarray(ids + [tokenizer.eos_token_id], dtype=dtype)
+                arr = np.append(np.asarray(ids, dtype=dtype), np.asarray(tokenizer.eos_token_id, dtype=dtype))
                 for f, h, data in ((ftok, hashes["tokens.bin"], arr.tobytes()),
                                    (fmask, hashes["target_mask.bin"], mask.tobytes())):
                     f.write(data)

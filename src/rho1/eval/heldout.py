@@ -38,8 +38,10 @@ def summarize(losses: np.ndarray, store: TokenStore, ref: np.ndarray | None = No
     if ref is not None:
         ref = np.asarray(ref, dtype=np.float32)
         metrics["ref_loss"] = _mean(ref, evaluated)
-        if store.target_mask is not None:
-            metrics["ref_target_loss"] = _mean(ref, evaluated & (np.asarray(store.target_mask) > 0))
+        if store.target_mask is not None:  # both on the target tokens the reference has a loss for
+            both = evaluated & (np.asarray(store.target_mask) > 0) & np.isfinite(ref)
+            metrics["ref_target_loss"] = _mean(ref, both)
+            metrics["target_excess_loss"] = _mean(losses - np.nan_to_num(ref), both)
         if selected is not None:
             metrics["selected_loss"] = _mean(losses, evaluated & selected)
             metrics["unselected_loss"] = _mean(losses, evaluated & ~selected & np.isfinite(ref))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from rho1.selection.loss import Selection, check_inputs, select_from_token_loss, valid_mask
+from rho1.selection.loss import Selection, check_inputs, flag_non_finite, select_from_token_loss, valid_mask
 
 
 def default_chunk_size(device: torch.device | str) -> int:
@@ -169,6 +169,7 @@ def selective_linear_cross_entropy(
         row_weights = row_weights[rows]
         loss_sum = _SelectedLinearCE.apply(flat_hidden, weight, rows, flat_labels[rows], lse[rows], row_weights,
                                            (token_loss.reshape(-1)[rows] * row_weights).sum(), chunk_size)
+    loss_sum = flag_non_finite(loss_sum, token_loss, valid.view(shape))
     loss = loss_sum / picked.n_selected if picked.n_selected > 0 else loss_sum * 0.0
     return Selection(loss, loss_sum, picked.mask, picked.n_selected, picked.n_valid, token_loss, picked.stats,
                      picked.weights)

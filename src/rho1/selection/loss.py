@@ -97,6 +97,14 @@ def selection_stats(token_loss, ref_loss, mask, valid, weights=None) -> dict:
     return stats
 
 
+def flag_non_finite(loss_sum: torch.Tensor, token_loss: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``loss_sum`` made NaN when a valid token's loss is not finite, whether or not the rule kept that token:
+    a diverged model then stops the run (or skips the step), whatever the rule and score."""
+    if not torch.isfinite(token_loss.detach()[valid]).all():
+        return loss_sum + float("nan")
+    return loss_sum
+
+
 def check_inputs(ratio: float, score: str, ref_loss: torch.Tensor | None, labels: torch.Tensor,
                  rule: str = "topk") -> float:
     """The checks every selective loss makes before any work; returns the ratio as a float."""
@@ -176,8 +184,7 @@ def select_from_token_loss(
             weights = weights[rank * rows : (rank + 1) * rows]
     mask = weights >= 0.5
     loss_sum = torch.where(weights > 0, token_loss * weights, torch.zeros_like(token_loss)).sum()
-    if rule != "topk" and not torch.isfinite(token_loss.detach()[valid]).all():
-        loss_sum = loss_sum + float("nan")  # a diverged model stops (or skips the step) whatever the rule keeps
+    loss_sum = flag_non_finite(loss_sum, token_loss, valid)
     loss = loss_sum / max(total, 1e-12) if total > 0 else loss_sum * 0.0
     stats = selection_stats(token_loss, ref_loss, mask, valid, None if chosen.hard else weights)
     return Selection(loss, loss_sum, mask, total, n_valid, token_loss.detach(), stats, weights)

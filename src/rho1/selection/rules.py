@@ -32,7 +32,7 @@ def register_rule(name: str, fn: Callable, help: str = "", hard: bool = True) ->
     replaces it."""
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"a selection rule's name must be letters, digits, - or _, got {name!r}")
-    if name in BUILT_IN and fn is not BUILT_IN[name]:
+    if name in BUILT_IN and (fn is not BUILT_IN[name] or name in RULES and RULES[name].hard != hard):
         raise ValueError(f"{name!r} is a built-in selection rule; register yours under another name")
     RULES[name] = SelectionRule(name, fn, help, hard)
     return RULES[name]

@@ -467,13 +467,11 @@ def reference_note(metrics: dict) -> str | None:
     has little left to steer by (on real data, SLM with a reference trained under one pass over its data
     never caught up with CLM; trained for three passes, it did; see benchmarks/BENCHMARKS.md)."""
     for key, value in metrics.items():
-        if key.endswith("/target_loss") and isinstance(value, float):
-            ref = metrics.get(key.replace("/target_loss", "/ref_target_loss"))
-            if isinstance(ref, float) and value < ref:
-                store = key.split("/")[1]
-                return (f"note: the model now beats the reference on {store}'s target tokens ({value:.4f} vs "
-                        f"{ref:.4f}), so the excess loss has little left to select by; a reference trained longer "
-                        "or larger usually helps")
+        if key.endswith("/target_excess_loss") and isinstance(value, float) and value < 0:
+            store = key.split("/")[1]
+            return (f"note: the model now beats the reference on {store}'s target tokens (by {-value:.4f} nats a "
+                    "token), so the excess loss has little left to select by; a reference trained longer or larger "
+                    "usually helps")
     return None
 
 
