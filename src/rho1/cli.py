@@ -196,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
+    import signal
+
+    signal.signal(signal.SIGINT, C.on_ctrl_c)
     try:
         run_stage(args.command, cfg, args)
     except (KeyboardInterrupt, C.Interrupted) as err:  # a stage that can resume says how in its Interrupted

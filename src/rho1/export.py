@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from rho1.accel import compute_dtype
-from rho1.config import ExportConfig, Interrupted
+from rho1.config import ExportConfig, Interrupted, stop_if_ctrl_c
 from rho1.data.loader import IGNORE_INDEX, WindowOrder, make_batch
 from rho1.data.store import check_writable, open_with_scores
 from rho1.head import batch_token_losses, linear_head_of
@@ -110,6 +110,7 @@ def export(cfg: ExportConfig, progress: bool = True) -> dict:
     bar = progress_bar(total=n_windows * cfg.seq_len, desc="export", unit="tok", unit_scale=True, disable=not progress)
     try:
         for group, start in enumerate(range(0, n_windows, cfg.batch_size)):
+            stop_if_ctrl_c()
             batch = make_batch(store, order[start : start + cfg.batch_size], cfg.seq_len, scores)
             losses = batch_token_losses(model, batch.input_ids.to(device), batch.labels.to(device),
                                         head_of=head_of, dtype=compute_dtype(cfg.precision)).cpu()

@@ -17,7 +17,7 @@ import numpy as np
 
 from rho1.accel import compute_dtype, make_accelerator
 from rho1.align import PROJECTION, load_reference
-from rho1.config import Interrupted, ScoreConfig
+from rho1.config import Interrupted, ScoreConfig, stop_if_ctrl_c
 from rho1.data.store import (
     SCORE_FORMAT,
     ScoreStore,
@@ -88,6 +88,7 @@ def _score_chunks(cfg: ScoreConfig, store: TokenStore, model, accelerator, chunk
                        unit_scale=True, disable=not (progress and accelerator.is_main_process))
     try:
         for chunk in chunks:
+            stop_if_ctrl_c()
             windows = np.arange(chunk * cfg.chunk_windows, min((chunk + 1) * cfg.chunk_windows, n_windows))
             losses = token_losses(model, store, cfg.seq_len, cfg.batch_size, windows, autocast=accelerator.autocast,
                                   head_of=head_of, dtype=compute_dtype(cfg.precision))

@@ -51,3 +51,18 @@ def test_config_values_are_read_as_their_field_types():
             C.config_from_dict(C.TrainConfig, {key: value}, "test")
     hints = typing.get_type_hints(C.SweepConfig)
     assert hints["train"] is C.TrainConfig
+
+
+def test_a_lost_ctrl_c_still_stops_the_stage_at_the_next_step(monkeypatch):
+    import pytest
+
+    import rho1.config as C
+
+    monkeypatch.setattr(C, "_ctrl_c", False)
+    C.stop_if_ctrl_c()  # nothing pressed: nothing happens
+    try:  # Python drops the KeyboardInterrupt when it is raised inside a finalizer; the flag stays
+        C.on_ctrl_c()
+    except KeyboardInterrupt:
+        pass
+    with pytest.raises(KeyboardInterrupt):
+        C.stop_if_ctrl_c()

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 
 from rho1.accel import compute_dtype, make_accelerator
 from rho1.align import load_reference
-from rho1.config import Interrupted, TrainConfig
+from rho1.config import Interrupted, TrainConfig, stop_if_ctrl_c
 from rho1.data.loader import WindowOrder, make_batch
 from rho1.data.store import ScoreStore, TokenStore, open_with_scores
 from rho1.head import head_is_whole, linear_head_of, reference_token_losses, without_head
@@ -409,6 +409,7 @@ def fit(run: Run, progress: bool = True) -> dict:
     window = LogWindow(acc.device)
     try:
         for step in range(run.step, run.total_steps):
+            stop_if_ctrl_c()
             result = train_step(run, step)
             run.optimizer.zero_grad(set_to_none=True)
             if result.skipped:
