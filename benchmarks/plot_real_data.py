@@ -30,8 +30,14 @@ def main() -> None:
     parser.add_argument("--out", default="docs/real_data.png")
     args = parser.parse_args()
     files = [Path(f) / "result.json" if Path(f).is_dir() else Path(f) for f in args.results]
-    runs = [(f.parent, run) for f in files for run in json.loads(f.read_text()).get("runs", [])
-            if "combined" not in json.loads(f.read_text())]
+    seen, runs = set(), []
+    for f in files:
+        data = json.loads(f.read_text())
+        for run in data.get("runs", []) if "combined" not in data else []:
+            key = (run["setting"], run["preset"], run["seed"])
+            if key not in seen:  # a run a later invocation reused for more levers appears twice
+                seen.add(key)
+                runs.append((f.parent, run))
     settings = sorted({r["setting"] for _, r in runs})
     fig, axes = plt.subplots(1, 1 + len(settings), figsize=(5 + 4.5 * len(settings), 3.8), dpi=110)
     ax = axes[0]
