@@ -360,7 +360,16 @@ def main() -> None:
                         help="only print the table of the runs in these result files (from separate invocations)")
     args = parser.parse_args()
     if args.combine:
-        results = [r for f in args.combine for r in json.loads(Path(f).read_text())["runs"]]
+        merged: dict[tuple, dict] = {}
+        for f in args.combine:  # a run reused by a later invocation for more levers: one run, levers merged
+            for r in json.loads(Path(f).read_text())["runs"]:
+                key = (r["setting"], r["preset"], r["seed"])
+                if key not in merged:
+                    merged[key] = r
+                    continue
+                for field in ("efficiency", "reached", "target_loss", "offtarget_loss", "selected_share", "baseline"):
+                    merged[key][field] = {**r.get(field, {}), **merged[key].get(field, {})}
+        results = list(merged.values())
         table = report(results)
         Path(args.out, args.result).write_text(json.dumps({"combined": args.combine, "runs": results, "table": table},
                                                           indent=2, default=str))
