@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate import Accelerator, DistributedType
+from accelerate.state import AcceleratorState, PartialState
 
 
 def make_accelerator(precision: str = "no") -> Accelerator:
@@ -18,7 +18,18 @@ def make_accelerator(precision: str = "no") -> Accelerator:
         # one process, a stage with another precision than the last one (a notebook, the tests): accelerate
         # keeps its state per process and would refuse the change
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=precision, cpu=several and not torch.cuda.is_available())
+    on_cpu = several and not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu)
+    plugin = accelerator.state.fsdp_plugin if hasattr(accelerator.state, "fsdp_plugin") else None
+    if on_cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        # accelerate turns FSDP on for accelerator devices only, while torch's FSDP2 runs on CPU with gloo:
+        # keep the plugin `accelerate launch` configured, so an FSDP config runs (and is tested) on CPUs too
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        PartialState().distributed_type = DistributedType.FSDP  # every AcceleratorState() copies it from here
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin or FullyShardedDataParallelPlugin()
+    return accelerator
 
 
 def compute_dtype(precision: str) -> torch.dtype | None:

@@ -16,35 +16,39 @@ from rho1.selection import chunked_cross_entropy, token_cross_entropy
 
 
 @contextlib.contextmanager
-def without_head(model):
-    """Inside, ``model(...).logits`` are the LM head's input (the final hidden states) and the head weight is
-    yielded, so the loss can be computed from them without the ``[tokens x vocab]`` logits."""
+def head_computes(model, fn):
+    """Inside, the model's LM head returns ``fn(hidden, weight)`` instead of ``hidden @ weight.T``: a loss
+    computed from the head's input, without the ``[tokens x vocab]`` logits, comes out of the model as its
+    ``logits``. ``fn`` runs inside the head's own forward, where FSDP2 has gathered the head weight like any
+    layer's (outside it the weight is sharded by vocabulary rows) and hooks its backward on what the head
+    returns, so the same code runs in one process, under DDP and under FSDP2."""
     head = model.get_output_embeddings()
-    model.set_output_embeddings(torch.nn.Identity())
+    head.forward = lambda hidden: fn(hidden, head.weight)
     try:
-        yield head.weight
+        yield
     finally:
-        model.set_output_embeddings(head)
+        del head.forward
 
 
 @torch.no_grad()
 def head_is_linear(model, input_ids: torch.Tensor) -> bool:
-    """True when the model's logits are exactly ``hidden @ head.weight.T`` (no bias, soft-capping or
-    scaling after the head), checked on real input against the model's own forward."""
+    """True when the model's logits are exactly what its head, a linear layer without bias, returns (no
+    soft-capping or scaling after the head), checked on real input."""
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear) or head.bias is not None:
         return False
+    seen = {}
+    hook = head.register_forward_hook(lambda module, args, out: seen.setdefault("head", out))
     was_training = model.training
     model.eval()
     try:
-        logits = model(input_ids=input_ids).logits.float()
-        with without_head(model) as weight:
-            hidden = model(input_ids=input_ids).logits
-        if hidden.shape[-1] != weight.shape[1]:
-            return False
-        return torch.allclose((hidden @ weight.T).float(), logits, rtol=1e-3, atol=1e-3)
+        logits = model(input_ids=input_ids).logits
     finally:
+        hook.remove()
         model.train(was_training)
+    out = seen.get("head")
+    return out is not None and out.shape == logits.shape and torch.allclose(out.float(), logits.float(), rtol=1e-3,
+                                                                           atol=1e-3)
 
 
 def linear_head_of(model, store: TokenStore, seq_len: int):
@@ -70,10 +74,13 @@ def batch_token_losses(model, input_ids, labels, autocast=contextlib.nullcontext
             with autocast():
                 logits = model(input_ids=input_ids, use_cache=False).logits
             return token_cross_entropy(logits, labels)
-        with without_head(head_of) as weight, autocast():
-            hidden = model(input_ids=input_ids, use_cache=False).logits
-        hidden = hidden.reshape(-1, hidden.shape[-1]).to(dtype or weight.dtype)
-        return chunked_cross_entropy(hidden, weight.to(hidden.dtype), labels.reshape(-1))[0].view_as(labels)
+
+        def losses(hidden, weight):
+            hidden = hidden.reshape(-1, hidden.shape[-1]).to(dtype or weight.dtype)
+            return chunked_cross_entropy(hidden, weight.to(hidden.dtype), labels.reshape(-1))[0].view_as(labels)
+
+        with head_computes(head_of, losses), autocast():
+            return model(input_ids=input_ids, use_cache=False).logits.float()
 
 
 @torch.inference_mode()
@@ -110,9 +117,10 @@ def reference_token_losses(model, input_ids, labels, head_of=None, autocast=cont
     return torch.where(labels != IGNORE_INDEX, losses.half().float(), torch.nan)
 
 
-def head_is_whole(accelerator) -> bool:
-    """The head weight is whole on every process (one process, DDP); FSDP and DeepSpeed shard it outside
-    the forward, so they keep the full-logits path."""
+def chunked_head_supported(accelerator) -> bool:
+    """The loss from the head's input (``head_computes``) runs in one process, under DDP and under FSDP2;
+    FSDP1 and DeepSpeed keep the full-logits path (untested there)."""
     from accelerate import DistributedType
 
-    return accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+    return accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
+                                            DistributedType.MULTI_GPU) or accelerator.is_fsdp2

@@ -24,7 +24,7 @@ from rho1.align import CrossTokenizerReference
 from rho1.config import check_rule_options
 from rho1.data.loader import IGNORE_INDEX
 from rho1.data.store import ScoreStore, TokenStore
-from rho1.head import head_is_linear, head_is_whole, reference_token_losses, without_head
+from rho1.head import chunked_head_supported, head_computes, head_is_linear, reference_token_losses
 from rho1.selection import (
     check_ratio,
     check_score,
@@ -186,10 +186,10 @@ class SelectiveTrainer(Trainer):
 
     def _use_chunked_head(self, input_ids: torch.Tensor) -> bool:
         """The loss from the head's input in chunks (rho1.selection.selective_linear_cross_entropy) when the
-        model's logits are a plain linear head and the head weight is whole (not FSDP / DeepSpeed)."""
+        model's logits are a plain linear head (one process, DDP or FSDP2)."""
         if self._chunked_head is None:
             model = self.accelerator.unwrap_model(self.model)
-            self._chunked_head = (self.loss_impl == "auto" and head_is_whole(self.accelerator)
+            self._chunked_head = (self.loss_impl == "auto" and chunked_head_supported(self.accelerator)
                                   and head_is_linear(model, input_ids[:1, :32].to(self.args.device)))
         return self._chunked_head
 
@@ -201,10 +201,16 @@ class SelectiveTrainer(Trainer):
         if self.reference_model is not None:
             ref = self._reference_loss(inputs, labels)
         if not return_outputs and self._use_chunked_head(inputs["input_ids"]):
-            with without_head(self.accelerator.unwrap_model(model)) as weight:
-                hidden = model(**inputs).logits
-            selection = selective_linear_cross_entropy(hidden[:, :-1], weight, labels, ref, self.ratio, self.score,
-                                                       rule=self.rule, rule_options=self.rule_options)
+            picked = []
+
+            def loss(hidden, weight):
+                picked.append(selective_linear_cross_entropy(hidden[:, :-1], weight, labels, ref, self.ratio,
+                                                             self.score, rule=self.rule, rule_options=self.rule_options))
+                return picked[0].loss_sum
+
+            with head_computes(self.accelerator.unwrap_model(model), loss):
+                loss_sum = model(**inputs).logits
+            selection = picked[0].through(loss_sum)
             outputs = None
         else:
             outputs = model(**inputs)

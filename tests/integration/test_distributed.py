@@ -1,5 +1,6 @@
 """Several processes (torchrun, gloo on CPU) and runs killed halfway, compared bitwise with one plain run."""
 
+import json
 import os
 import signal
 import subprocess
@@ -13,10 +14,24 @@ from conftest import ROOT, SEQ_LEN, read_metrics
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+FSDP2 = str(ROOT / "configs" / "accelerate" / "fsdp2.yaml")
+
+
 def torchrun(nproc: int, *args: str, **kw) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "rho1", *args]
     result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, **kw)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def accelerate_cmd(config: str, *args: str) -> list[str]:
+    """`accelerate launch --config_file CONFIG -m rho1 ARGS`, as the README runs it."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "-m", "rho1", *args]
+
+
+def accelerate_launch(config: str, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(accelerate_cmd(config, *args), env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -84,7 +99,7 @@ def test_global_selection_on_two_ranks_equals_one_process_on_the_concatenated_ba
 
 def _train_args(stores, scores, out, batch, **extra):
     args = ["train", "--data", str(stores["corpus"].path), "--out", str(out), "--model-preset", "nano",
-            "--seq-len", str(SEQ_LEN), "--batch-size", str(batch), "--max-tokens", "8192", "--lr", "3e-3",
+            "--seq-len", str(SEQ_LEN), "--batch-size", str(batch), "--max-tokens", "10240", "--lr", "3e-3",
             "--warmup-steps", "3", "--log-every", "1", "--seed", "5", "--eval-data", str(stores["heldout"].path),
             "--eval-max-windows", "6", "--eval-every", "4096"]
     if scores is not None:
@@ -94,43 +109,108 @@ def _train_args(stores, scores, out, batch, **extra):
     return args
 
 
-@pytest.mark.parametrize("objective", ["clm", "slm"])
-def test_two_rank_ddp_reproduces_one_process_with_twice_the_batch(stores, corpus_scores, tmp_path, objective):
-    scores = corpus_scores if objective == "slm" else None
-    torchrun(1, *_train_args(stores, scores, tmp_path / "one", batch=8))
-    torchrun(2, *_train_args(stores, scores, tmp_path / "two", batch=4))
-    one = [r["loss"] for r in read_metrics(tmp_path / "one") if r["kind"] == "train"]
-    two = [r["loss"] for r in read_metrics(tmp_path / "two") if r["kind"] == "train"]
-    assert len(one) == len(two) == 16
-    assert two == pytest.approx(one, rel=1e-4)
-    evals_one = [r["eval/heldout/loss"] for r in read_metrics(tmp_path / "one") if r["kind"] == "eval"]
-    evals_two = [r["eval/heldout/loss"] for r in read_metrics(tmp_path / "two") if r["kind"] == "eval"]
-    assert len(evals_one) == 3 and evals_two == pytest.approx(evals_one, rel=1e-4)
+@pytest.mark.parametrize("objective", ["clm", "slm", "slm-micro"])
+def test_two_rank_ddp_and_fsdp2_reproduce_one_process_with_twice_the_batch(stores, corpus_scores, tmp_path,
+                                                                            objective):
+    """20 optimizer steps: one process with 8 windows a step, two DDP ranks (torchrun) and two FSDP2 ranks
+    (accelerate launch with configs/accelerate/fsdp2.yaml) with 4 each; the FSDP2 run writes a whole Hugging
+    Face folder. With the micro scope each rank ranks its own windows, which one process cannot reproduce:
+    FSDP2 is then compared with DDP."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    scores = corpus_scores if objective != "clm" else None
+    scope = {"selection_scope": "micro"} if objective == "slm-micro" else {}
+    torchrun(2, *_train_args(stores, scores, tmp_path / "ddp", batch=4, **scope))
+    accelerate_launch(FSDP2, *_train_args(stores, scores, tmp_path / "fsdp2", batch=4, **scope))
+    if scope:
+        (tmp_path / "one").symlink_to(tmp_path / "ddp")
+    else:
+        torchrun(1, *_train_args(stores, scores, tmp_path / "one", batch=8))
+    runs = {name: read_metrics(tmp_path / name) for name in ("one", "ddp", "fsdp2")}
+    losses = {name: [r["loss"] for r in m if r["kind"] == "train"] for name, m in runs.items()}
+    selected = {name: [r["selected"] for r in m if r["kind"] == "train"] for name, m in runs.items()}
+    evals = {name: [r["eval/heldout/loss"] for r in m if r["kind"] == "eval"] for name, m in runs.items()}
+    assert len(losses["one"]) == 20 and len(evals["one"]) == 4
+    for name in ("ddp", "fsdp2"):
+        assert losses[name] == pytest.approx(losses["one"], rel=1e-4), name
+        assert selected[name] == selected["one"], name
+        assert evals[name] == pytest.approx(evals["one"], rel=1e-4), name
+    summary = json.loads((tmp_path / "fsdp2" / "summary.json").read_text())
+    assert summary["loss_path"] == "chunked"  # the loss from the head's input, with the head sharded
+    one = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    sharded = load_file(tmp_path / "fsdp2" / "final" / "model.safetensors")
+    assert one.keys() == sharded.keys()
+    for name, tensor in one.items():
+        assert torch.allclose(sharded[name], tensor, rtol=1e-3, atol=1e-5), name
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp2" / "final")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied, as saved
+
+
+def test_sharded_selective_loss_equals_full_logits_on_two_ranks(tmp_path):
+    """Under FSDP2 the head weight is sharded by vocabulary rows outside the forward; the loss from the head's
+    input (head_computes) equals the full-logits path, and both equal one process on the whole batch: losses,
+    selections and every whole gradient (fp32)."""
+    import torch
+    from fsdp_loss_worker import CASES, fresh_model, global_batch, one_step
+
+    from rho1.selection import valid_mask
+
+    worker = str(ROOT / "tests" / "integration" / "fsdp_loss_worker.py")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP2, worker, str(tmp_path / "out.pt")]
+    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt")
+    assert out["processes"] == 2 and out["head_local_rows"] * 2 == out["head_rows"]
+    ids, labels, ref = global_batch()
+    n_valid = float(valid_mask(labels, ref).sum())
+    model = fresh_model()
+    for case, (ratio, rule) in CASES.items():
+        whole = one_step(model, ids, labels, ref, ratio, rule, "logits", scale=1 / n_valid)
+        expected = {name: p.grad for name, p in model.named_parameters()}
+        for path in ("chunked", "logits"):
+            got = out[f"{case}/{path}"]
+            assert float(got["loss"]) == pytest.approx(float(whole.loss_sum) / n_valid, rel=1e-5), (case, path)
+            if rule == "topk":
+                assert torch.equal(got["weights"], whole.weights), (case, path)
+            else:
+                assert torch.allclose(got["weights"], whole.weights, atol=1e-5), (case, path)
+            assert got["grads"].keys() == expected.keys()
+            for name, grad in expected.items():
+                assert torch.allclose(got["grads"][name], grad, rtol=1e-5, atol=1e-5 * float(grad.abs().max())), \
+                    (case, path, name)
 
 
 def _metrics_without_timing(run):
     return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in read_metrics(run)]
 
 
-def test_training_killed_halfway_resumes_bitwise(stores, corpus_scores, tmp_path):
+@pytest.mark.parametrize("launcher", ["one-process", "fsdp2"])
+def test_training_killed_halfway_resumes_bitwise(stores, corpus_scores, tmp_path, launcher):
+    """SIGKILL to the whole job (the launcher and every rank, as a scheduler kills it) after a checkpoint; the
+    resumed run ends with the same weights, bit for bit, and the same metrics."""
     args = ["train", "--data", str(stores["corpus"].path), "--objective", "slm", "--scores", str(corpus_scores.path),
             "--model-preset", "nano", "--seq-len", str(SEQ_LEN), "--batch-size", "4", "--grad-accum", "2",
             "--max-tokens", "30000", "--lr", "3e-3", "--warmup-steps", "3", "--save-every", "2048",
             "--keep-last", "2", "--eval-data", str(stores["heldout"].path), "--eval-every", "8192",
             "--eval-max-windows", "8", "--score", "random"]
+
+    def command(out, *extra):
+        full = [*args, "--out", str(out), *extra]
+        return [sys.executable, "-m", "rho1", *full] if launcher == "one-process" else accelerate_cmd(FSDP2, *full)
+
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run([sys.executable, "-m", "rho1", *args, "--out", str(whole)], env=ENV, check=True,
-                   capture_output=True)
-    proc = subprocess.Popen([sys.executable, "-m", "rho1", *args, "--out", str(killed)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(command(whole), env=ENV, check=True, capture_output=True)
+    proc = subprocess.Popen(command(killed), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (killed / "checkpoints" / "12288").is_dir():
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "final").exists(), "the run finished before it was killed: nothing was tested"
-    result = subprocess.run([sys.executable, "-m", "rho1", *args, "--out", str(killed), "--resume"], env=ENV,
-                            capture_output=True, text=True)
+    result = subprocess.run(command(killed, "--resume"), env=ENV, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stdout
     assert (killed / "final" / "model.safetensors").read_bytes() == (whole / "final" / "model.safetensors").read_bytes()

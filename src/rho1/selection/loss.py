@@ -9,7 +9,7 @@ instead; the loss is then the weighted mean.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +69,12 @@ class Selection:
     token_loss: torch.Tensor
     stats: dict = field(default_factory=dict)
     weights: torch.Tensor | None = None
+
+    def through(self, loss_sum: torch.Tensor) -> Selection:
+        """This selection with ``loss_sum`` as it came out of a model's forward (``rho1.head.head_computes``),
+        where DDP and FSDP hook their backward."""
+        return replace(self, loss_sum=loss_sum, loss=loss_sum / self.n_selected if self.n_selected > 0 else
+                       loss_sum * 0.0)
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

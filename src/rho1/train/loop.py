@@ -25,7 +25,7 @@ from rho1.align import load_reference
 from rho1.config import Interrupted, TrainConfig, stop_if_ctrl_c
 from rho1.data.loader import WindowOrder, make_batch
 from rho1.data.store import ScoreStore, TokenStore, open_with_scores
-from rho1.head import head_is_whole, linear_head_of, reference_token_losses, without_head
+from rho1.head import chunked_head_supported, head_computes, linear_head_of, reference_token_losses
 from rho1.model import build_model, check_model_fits, load_model
 from rho1.progress import progress_bar
 from rho1.selection import (
@@ -184,7 +184,7 @@ def setup(cfg: TrainConfig, progress: bool = True) -> Run:
     model, optimizer = accelerator.prepare(model, make_optimizer(model, cfg))
     model.train()
     unwrapped = accelerator.unwrap_model(model)
-    chunked = cfg.loss_impl == "auto" and head_is_whole(accelerator) and linear_head_of(unwrapped, store, cfg.seq_len)
+    chunked = cfg.loss_impl == "auto" and chunked_head_supported(accelerator) and linear_head_of(unwrapped, store, cfg.seq_len)
     evaluator = Evaluator(cfg, accelerator, unwrapped if chunked else None, reference, resume_from is not None)
     run = Run(cfg, accelerator, store, scores, model, optimizer, WindowOrder(store.num_windows(cfg.seq_len), cfg.seed),
               reference, bool(chunked), evaluator, Checkpointer(out, accelerator, tokenizer, cfg.keep_last),
@@ -228,12 +228,17 @@ def selected_loss(run: Run, batch, ref_loss, ratio: float, score: str, generator
         acc.num_processes > 1 else None
     options = run.cfg.rule_options
     if run.chunked_head:
-        with without_head(acc.unwrap_model(run.model)) as weight, acc.autocast():
-            hidden = run.model(input_ids=batch.input_ids).logits
-        dtype = compute_dtype(run.cfg.precision)
-        return selective_linear_cross_entropy(hidden if dtype is None else hidden.to(dtype), weight, batch.labels,
-                                              ref_loss, ratio, score, generator=generator, gather=gather,
-                                              rank=acc.process_index, rule=rule, rule_options=options)
+        dtype, picked = compute_dtype(run.cfg.precision), []
+
+        def loss(hidden, weight):
+            picked.append(selective_linear_cross_entropy(
+                hidden if dtype is None else hidden.to(dtype), weight, batch.labels, ref_loss, ratio, score,
+                generator=generator, gather=gather, rank=acc.process_index, rule=rule, rule_options=options))
+            return picked[0].loss_sum
+
+        with head_computes(acc.unwrap_model(run.model), loss), acc.autocast():
+            loss_sum = run.model(input_ids=batch.input_ids).logits
+        return picked[0].through(loss_sum)
     with acc.autocast():
         logits = run.model(input_ids=batch.input_ids).logits
     return select_from_token_loss(token_cross_entropy(logits, batch.labels), batch.labels, ref_loss, ratio, score,

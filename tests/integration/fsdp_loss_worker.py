@@ -1,0 +1,79 @@
+"""Run under `accelerate launch --config_file configs/accelerate/fsdp2.yaml`: each rank takes its rows of one
+fixed global batch and computes the SLM loss of an FSDP2-sharded model twice, from the head's input in chunks
+(``rho1.head.head_computes``) and from full logits, with gradients. Rank 0 saves both (losses, selections,
+whole gradients) and the head weight's shape outside the forward to argv[1]."""
+
+import sys
+
+import torch
+
+from rho1.accel import make_accelerator
+from rho1.head import head_computes
+from rho1.model import build_model
+from rho1.selection import select_from_token_loss, selective_linear_cross_entropy, token_cross_entropy, valid_mask
+
+VOCAB = 96
+CASES = {"slm": (0.4, "topk"), "clm": (1.0, "topk"), "soft": (0.5, "soft")}
+
+
+def global_batch(rows: int = 4, t: int = 24, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (rows, t), generator=g)
+    labels = ids.roll(-1, 1)
+    labels[:, -1] = -100
+    labels[torch.rand(rows, t, generator=g) < 0.1] = -100
+    ref = torch.rand(rows, t, generator=g) * 5
+    ref[torch.rand(rows, t, generator=g) < 0.1] = float("nan")
+    return ids, labels, ref
+
+
+def fresh_model():
+    return build_model("nano", VOCAB, 64, eos_token_id=0, seed=0)
+
+
+def one_step(model, ids, labels, ref, ratio, rule, path, gather=None, rank=0, scale=1.0):
+    """The selection of one batch, after its backward; ``scale`` multiplies the loss sum (processes / valid tokens
+    of the whole batch, as rho1's loop does)."""
+    model.zero_grad(set_to_none=True)
+    if path == "chunked":
+        picked = []
+
+        def loss(hidden, weight):
+            picked.append(selective_linear_cross_entropy(hidden, weight, labels, ref, ratio, gather=gather, rank=rank,
+                                                         rule=rule))
+            return picked[0].loss_sum
+
+        with head_computes(model, loss):
+            loss_sum = model(input_ids=ids).logits
+        selection = picked[0].through(loss_sum)
+    else:
+        logits = model(input_ids=ids).logits
+        selection = select_from_token_loss(token_cross_entropy(logits, labels), labels, ref, ratio, gather=gather,
+                                           rank=rank, rule=rule)
+    (selection.loss_sum * scale).backward()
+    return selection
+
+
+if __name__ == "__main__":
+    accelerator = make_accelerator()
+    model = fresh_model()
+    model, _ = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0))  # FSDP2 wants both
+    n, rank = accelerator.num_processes, accelerator.process_index
+    ids, labels, ref = global_batch()
+    n_valid = float(valid_mask(labels, ref).sum())
+    per = ids.shape[0] // n
+    mine = slice(rank * per, (rank + 1) * per)
+    head = accelerator.unwrap_model(model).get_output_embeddings().weight
+    out = {"head_local_rows": head.to_local().shape[0] if hasattr(head, "to_local") else head.shape[0],
+           "head_rows": head.shape[0], "processes": n}
+    for case, (ratio, rule) in CASES.items():
+        for path in ("chunked", "logits"):
+            sel = one_step(model, ids[mine], labels[mine], ref[mine], ratio, rule, path, accelerator.gather, rank,
+                           n / n_valid)
+            grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                     for name, p in model.named_parameters()}
+            out[f"{case}/{path}"] = {"loss": accelerator.reduce(sel.loss_sum.detach(), "sum") / n_valid,
+                                     "weights": accelerator.gather(sel.weights.contiguous()), "grads": grads}
+    if accelerator.is_main_process:
+        torch.save(out, sys.argv[1])
+    accelerator.end_training()
