@@ -12,7 +12,13 @@ import torch
 from rho1.data.loader import IGNORE_INDEX, make_batch
 from rho1.data.store import TokenStore
 from rho1.progress import progress_bar
-from rho1.selection import chunked_cross_entropy, token_cross_entropy
+from rho1.selection import (
+    Selection,
+    chunked_cross_entropy,
+    select_from_token_loss,
+    selective_linear_cross_entropy,
+    token_cross_entropy,
+)
 
 
 @contextlib.contextmanager
@@ -49,6 +55,35 @@ def head_is_linear(model, input_ids: torch.Tensor) -> bool:
     out = seen.get("head")
     return out is not None and out.shape == logits.shape and torch.allclose(out.float(), logits.float(), rtol=1e-3,
                                                                            atol=1e-3)
+
+
+def forward_selection(model, inputs: dict, labels, ref_loss, ratio: float, score: str = "excess", *, head_of=None,
+                      dtype=None, autocast=contextlib.nullcontext, drop_last: bool = False, **select) -> Selection:
+    """Forward one batch through ``model`` (as prepared: DDP, FSDP2 or plain) and select its tokens;
+    ``loss_sum`` keeps the graph.
+
+    ``head_of``: the unwrapped model when its head is plain linear (``linear_head_of``): the loss is then
+    computed from the head's input in chunks (``head_computes``), else from full logits. ``dtype``: the head's
+    compute dtype under mixed precision. ``drop_last``: the last position predicts nothing in ``labels``
+    (labels shifted outside, as in Trainer batches). ``select``: generator, gather, rank, rule and
+    rule_options of ``select_from_token_loss``."""
+    cut = slice(None, -1) if drop_last else slice(None)
+    if head_of is None:
+        with autocast():
+            logits = model(**inputs).logits
+        return select_from_token_loss(token_cross_entropy(logits[:, cut], labels), labels, ref_loss, ratio, score,
+                                      **select)
+    picked = []
+
+    def loss(hidden, weight):
+        hidden = hidden[:, cut]
+        picked.append(selective_linear_cross_entropy(hidden if dtype is None else hidden.to(dtype), weight, labels,
+                                                     ref_loss, ratio, score, **select))
+        return picked[0].loss_sum
+
+    with head_computes(head_of, loss), autocast():
+        loss_sum = model(**inputs).logits
+    return picked[0].through(loss_sum)
 
 
 def linear_head_of(model, store: TokenStore, seq_len: int):

@@ -24,14 +24,13 @@ from rho1.align import CrossTokenizerReference
 from rho1.config import check_rule_options
 from rho1.data.loader import IGNORE_INDEX
 from rho1.data.store import ScoreStore, TokenStore
-from rho1.head import chunked_head_supported, head_computes, head_is_linear, reference_token_losses
+from rho1.head import chunked_head_supported, forward_selection, head_is_linear, reference_token_losses
 from rho1.selection import (
     check_ratio,
     check_score,
     get_score,
     num_selected,
     select_from_token_loss,
-    selective_linear_cross_entropy,
     token_cross_entropy,
 )
 
@@ -201,16 +200,9 @@ class SelectiveTrainer(Trainer):
         if self.reference_model is not None:
             ref = self._reference_loss(inputs, labels)
         if not return_outputs and self._use_chunked_head(inputs["input_ids"]):
-            picked = []
-
-            def loss(hidden, weight):
-                picked.append(selective_linear_cross_entropy(hidden[:, :-1], weight, labels, ref, self.ratio,
-                                                             self.score, rule=self.rule, rule_options=self.rule_options))
-                return picked[0].loss_sum
-
-            with head_computes(self.accelerator.unwrap_model(model), loss):
-                loss_sum = model(**inputs).logits
-            selection = picked[0].through(loss_sum)
+            selection = forward_selection(model, inputs, labels, ref, self.ratio, self.score, drop_last=True,
+                                          head_of=self.accelerator.unwrap_model(model), rule=self.rule,
+                                          rule_options=self.rule_options)
             outputs = None
         else:
             outputs = model(**inputs)

@@ -1,6 +1,6 @@
 """Run under `accelerate launch --config_file configs/accelerate/fsdp2.yaml`: each rank takes its rows of one
 fixed global batch and computes the SLM loss of an FSDP2-sharded model twice, from the head's input in chunks
-(``rho1.head.head_computes``) and from full logits, with gradients. Rank 0 saves both (losses, selections,
+(``rho1.head.forward_selection``) and from full logits, with gradients. Rank 0 saves both (losses, selections,
 whole gradients) and the head weight's shape outside the forward to argv[1]."""
 
 import sys
@@ -8,9 +8,9 @@ import sys
 import torch
 
 from rho1.accel import make_accelerator
-from rho1.head import head_computes
+from rho1.head import forward_selection
 from rho1.model import build_model
-from rho1.selection import select_from_token_loss, selective_linear_cross_entropy, token_cross_entropy, valid_mask
+from rho1.selection import valid_mask
 
 VOCAB = 96
 CASES = {"slm": (0.4, "topk"), "clm": (1.0, "topk"), "soft": (0.5, "soft")}
@@ -35,21 +35,8 @@ def one_step(model, ids, labels, ref, ratio, rule, path, gather=None, rank=0, sc
     """The selection of one batch, after its backward; ``scale`` multiplies the loss sum (processes / valid tokens
     of the whole batch, as rho1's loop does)."""
     model.zero_grad(set_to_none=True)
-    if path == "chunked":
-        picked = []
-
-        def loss(hidden, weight):
-            picked.append(selective_linear_cross_entropy(hidden, weight, labels, ref, ratio, gather=gather, rank=rank,
-                                                         rule=rule))
-            return picked[0].loss_sum
-
-        with head_computes(model, loss):
-            loss_sum = model(input_ids=ids).logits
-        selection = picked[0].through(loss_sum)
-    else:
-        logits = model(input_ids=ids).logits
-        selection = select_from_token_loss(token_cross_entropy(logits, labels), labels, ref, ratio, gather=gather,
-                                           rank=rank, rule=rule)
+    selection = forward_selection(model, {"input_ids": ids}, labels, ref, ratio, head_of=model if path == "chunked"
+                                  else None, gather=gather, rank=rank, rule=rule)
     (selection.loss_sum * scale).backward()
     return selection
 

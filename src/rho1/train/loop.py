@@ -25,14 +25,12 @@ from rho1.align import load_reference
 from rho1.config import Interrupted, TrainConfig, stop_if_ctrl_c
 from rho1.data.loader import WindowOrder, make_batch
 from rho1.data.store import ScoreStore, TokenStore, open_with_scores
-from rho1.head import chunked_head_supported, head_computes, linear_head_of, reference_token_losses
+from rho1.head import chunked_head_supported, forward_selection, linear_head_of, reference_token_losses
 from rho1.model import build_model, check_model_fits, load_model
 from rho1.progress import progress_bar
 from rho1.selection import (
     Selection,
     select_from_token_loss,
-    selective_linear_cross_entropy,
-    token_cross_entropy,
     valid_mask,
 )
 from rho1.threads import set_threads
@@ -226,24 +224,10 @@ def selected_loss(run: Run, batch, ref_loss, ratio: float, score: str, generator
     acc = run.accelerator
     gather = acc.gather if (ratio < 1.0 or rule != "topk") and run.cfg.selection_scope == "global" and \
         acc.num_processes > 1 else None
-    options = run.cfg.rule_options
-    if run.chunked_head:
-        dtype, picked = compute_dtype(run.cfg.precision), []
-
-        def loss(hidden, weight):
-            picked.append(selective_linear_cross_entropy(
-                hidden if dtype is None else hidden.to(dtype), weight, batch.labels, ref_loss, ratio, score,
-                generator=generator, gather=gather, rank=acc.process_index, rule=rule, rule_options=options))
-            return picked[0].loss_sum
-
-        with head_computes(acc.unwrap_model(run.model), loss), acc.autocast():
-            loss_sum = run.model(input_ids=batch.input_ids).logits
-        return picked[0].through(loss_sum)
-    with acc.autocast():
-        logits = run.model(input_ids=batch.input_ids).logits
-    return select_from_token_loss(token_cross_entropy(logits, batch.labels), batch.labels, ref_loss, ratio, score,
-                                  generator=generator, gather=gather, rank=acc.process_index, rule=rule,
-                                  rule_options=options)
+    return forward_selection(run.model, {"input_ids": batch.input_ids}, batch.labels, ref_loss, ratio, score,
+                             head_of=acc.unwrap_model(run.model) if run.chunked_head else None,
+                             dtype=compute_dtype(run.cfg.precision), autocast=acc.autocast, generator=generator,
+                             gather=gather, rank=acc.process_index, rule=rule, rule_options=run.cfg.rule_options)
 
 
 def micro_step(run: Run, batch, step: int, micro: int) -> tuple[Selection, dict]:
