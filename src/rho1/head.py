@@ -121,23 +121,25 @@ def batch_token_losses(model, input_ids, labels, autocast=contextlib.nullcontext
 @torch.inference_mode()
 def token_losses(model, store: TokenStore, seq_len: int, batch_size: int = 16, windows=None,
                  autocast=contextlib.nullcontext, progress: bool = False, desc: str = "loss", head_of=None,
-                 dtype=None) -> np.ndarray:
+                 dtype=None, span: tuple[int, int] | None = None) -> np.ndarray:
     """Per-token loss of ``model`` over the store's windows: ``out[i]`` = loss of token i given its window.
 
     NaN where a token has no prediction (the first token of each window) or its window was not evaluated.
-    ``head_of`` and ``dtype`` as in ``batch_token_losses``.
+    ``head_of`` and ``dtype`` as in ``batch_token_losses``. ``span=(lo, hi)``: only tokens lo..hi-1, as
+    ``out[i - lo]`` (memory for the span, not the store: `rho1 score` works through stores of any size).
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     windows = np.arange(store.num_windows(seq_len)) if windows is None else np.asarray(windows)
-    out = np.full(store.n_tokens, np.nan, dtype=np.float32)
+    lo, hi = span or (0, store.n_tokens)
+    out = np.full(hi - lo, np.nan, dtype=np.float32)
     bar = progress_bar(total=len(windows) * seq_len, desc=desc, unit="tok", unit_scale=True, disable=not progress)
     for i in range(0, len(windows), batch_size):
         batch = make_batch(store, windows[i : i + batch_size], seq_len).to(device)
         losses = batch_token_losses(model, batch.input_ids, batch.labels, autocast, head_of, dtype)
-        keep = batch.positions >= 0
-        out[batch.positions[keep].cpu().numpy()] = losses[keep].float().cpu().numpy()
+        keep = (batch.positions >= lo) & (batch.positions < hi)
+        out[batch.positions[keep].cpu().numpy() - lo] = losses[keep].float().cpu().numpy()
         bar.update(int(batch.input_ids.numel()))
     bar.close()
     model.train(was_training)

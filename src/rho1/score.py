@@ -90,11 +90,11 @@ def _score_chunks(cfg: ScoreConfig, store: TokenStore, model, accelerator, chunk
         for chunk in chunks:
             stop_if_ctrl_c()
             windows = np.arange(chunk * cfg.chunk_windows, min((chunk + 1) * cfg.chunk_windows, n_windows))
-            losses = token_losses(model, store, cfg.seq_len, cfg.batch_size, windows, autocast=accelerator.autocast,
-                                  head_of=head_of, dtype=compute_dtype(cfg.precision))
             lo = int(windows[0]) * cfg.seq_len
             hi = store.n_tokens if chunk == n_chunks - 1 else int(windows[-1] + 1) * cfg.seq_len
-            scores[lo:hi] = losses[lo:hi].astype(np.float16)
+            losses = token_losses(model, store, cfg.seq_len, cfg.batch_size, windows, autocast=accelerator.autocast,
+                                  head_of=head_of, dtype=compute_dtype(cfg.precision), span=(lo, hi))
+            scores[lo:hi] = losses.astype(np.float16)
             scores.flush()
             _mark_done(out, chunk)
             bar.update(len(windows) * cfg.seq_len)
@@ -141,16 +141,26 @@ def score(cfg: ScoreConfig, progress: bool = True) -> ScoreStore:
     return ScoreStore.open(out, store)
 
 
+def _finite_sum(values: np.ndarray, block: int = 1 << 22) -> tuple[float, int]:
+    """Sum and count of the finite values, a block at a time (a store of any size in constant memory)."""
+    total, count = 0.0, 0
+    for start in range(0, len(values), block):
+        part = values[start : start + block].astype(np.float64)
+        finite = np.isfinite(part)
+        total, count = total + float(part[finite].sum()), count + int(finite.sum())
+    return total, count
+
+
 def _complete(out: Path, identity: dict, store: TokenStore, n_chunks: int, tokens_per_second: float, processes: int,
               progress: bool) -> None:
     """The manifest says complete, with the hash of the scores, once every chunk is done."""
     finished = sorted(int(p.name) for p in (out / "progress").iterdir() if p.name.isdigit())
     if finished != list(range(n_chunks)):
         raise RuntimeError(f"scoring {out} ended with chunks missing; run the same command again to finish them")
-    values = np.fromfile(out / "scores.bin", dtype=np.float16).astype(np.float32)
+    total, count = _finite_sum(np.memmap(out / "scores.bin", dtype=np.float16, mode="r", shape=(store.n_tokens,)))
     manifest = {"format": SCORE_FORMAT, **identity, "complete": True, "completed_ranges": [[0, store.n_tokens]],
                 "sha256": {"scores.bin": sha256_file(out / "scores.bin")},
-                "mean_loss": float(np.nanmean(values)) if np.isfinite(values).any() else None,
+                "mean_loss": total / count if count else None,
                 "tokens_per_second": round(tokens_per_second, 1)}
     write_json_atomic(out / "manifest.json", manifest)
     if progress:
