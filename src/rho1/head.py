@@ -1,6 +1,7 @@
-"""The LM head, in one place: whether a model's logits are a plain linear head (then losses are computed
-from its input in chunks, without the ``[tokens x vocab]`` logits), the hidden states, and per-token
-losses of a model over a batch or a whole TokenStore."""
+"""The LM head, in one place: whether a model's logits are a plain linear head, and then the loss computed
+from the head's input inside the head's own forward (chunks, never the ``[tokens x vocab]`` logits; one
+process, DDP or FSDP2 alike); one batch forwarded and selected (``forward_selection``); per-token losses of
+a model over a batch or a whole TokenStore."""
 
 from __future__ import annotations
 
