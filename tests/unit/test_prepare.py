@@ -46,6 +46,20 @@ def test_non_utf8_file_is_refused(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_jsonl_is_read_a_line_at_a_time(tmp_path):
+    """A line separator inside a JSON string (U+2028, valid raw JSON) stays in its record, CRLF lines read, and a
+    bad byte is reported at its offset in the file."""
+    from rho1.data.sources import read_documents
+
+    good = tmp_path / "good.jsonl"
+    good.write_bytes('{"text": "one\u2028two"}\r\n\n{"text": "three"}\n'.encode())
+    assert [d.text for d in read_documents([good])] == ["one\u2028two", "three"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl is not UTF-8 text \(bad byte at offset 30\)"):
+        list(read_documents([bad]))
+
+
 def test_parquet_and_folder_sources(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -55,15 +55,17 @@ def expand_sources(paths: list[str | Path]) -> list[Path | str]:
     return files
 
 
+def _not_utf8(path: Path, offset: int) -> ValueError:
+    return ValueError(f"{path} is not UTF-8 text (bad byte at offset {offset}); convert it first, "
+                      f"e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}")
+
+
 def _read_utf8(path: Path) -> str:
     data = path.read_bytes()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(
-            f"{path} is not UTF-8 text (bad byte at offset {err.start}); convert it first, "
-            f"e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}"
-        ) from None
+        raise _not_utf8(path, err.start) from None
 
 
 def _template_fields(template: str) -> list[str]:
@@ -99,16 +101,27 @@ def format_record(record: dict, where: str, text_field: str | None, template: st
 
 
 def _jsonl_lines(path: Path) -> Iterator[tuple[int, dict]]:
-    for lineno, line in enumerate(_read_utf8(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} line {lineno} is not valid JSON ({err.msg}); fix or remove that line") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path} line {lineno} is not a JSON object; each line must be {{\"field\": ...}}")
-        yield lineno, record
+    """(line number, record), read a line at a time: a corpus bigger than memory streams through."""
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _not_utf8(path, offset + err.start) from None
+            offset += len(raw)
+            if line.strip():
+                yield lineno, _json_record(path, lineno, line)
+
+
+def _json_record(path: Path, lineno: int, line: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} line {lineno} is not valid JSON ({err.msg}); fix or remove that line") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} line {lineno} is not a JSON object; each line must be {{\"field\": ...}}")
+    return record
 
 
 def read_jsonl_records(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
@@ -127,7 +140,8 @@ def read_jsonl_records(path: Path, required: tuple[str, ...] = ()) -> list[dict]
 def _parquet_records(path: Path) -> Iterator[tuple[str, dict]]:
     import pyarrow.parquet as pq
 
-    for i, record in enumerate(pq.read_table(path).to_pylist()):
+    rows = (record for batch in pq.ParquetFile(path).iter_batches(batch_size=1024) for record in batch.to_pylist())
+    for i, record in enumerate(rows):  # a batch of rows at a time: files bigger than memory stream through
         yield f"{path} row {i}", record
 
 
