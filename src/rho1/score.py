@@ -141,7 +141,7 @@ def score(cfg: ScoreConfig, progress: bool = True) -> ScoreStore:
     return ScoreStore.open(out, store)
 
 
-def _finite_sum(values: np.ndarray, block: int = 1 << 22) -> tuple[float, int]:
+def _finite_sum(values: np.ndarray, block: int = 1 << 20) -> tuple[float, int]:
     """Sum and count of the finite values, a block at a time (a store of any size in constant memory)."""
     total, count = 0.0, 0
     for start in range(0, len(values), block):
