@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -20,15 +21,24 @@ def make_accelerator(precision: str = "no") -> Accelerator:
         AcceleratorState._reset_state()
     on_cpu = several and not torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu)
-    plugin = accelerator.state.fsdp_plugin if hasattr(accelerator.state, "fsdp_plugin") else None
     if on_cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        # accelerate turns FSDP on for accelerator devices only, while torch's FSDP2 runs on CPU with gloo:
-        # keep the plugin `accelerate launch` configured, so an FSDP config runs (and is tested) on CPUs too
+        # accelerate turns FSDP on for accelerator devices only, while torch's FSDP2 runs on CPU with gloo: a
+        # plugin read from the same settings `accelerate launch` exported, so an FSDP config runs (and is
+        # tested) on CPUs as on GPUs
         from accelerate.utils import FullyShardedDataParallelPlugin
 
+        plugin = FullyShardedDataParallelPlugin()
+        if precision != "no":
+            plugin.set_mixed_precision(precision)
         PartialState().distributed_type = DistributedType.FSDP  # every AcceleratorState() copies it from here
         accelerator.state.distributed_type = DistributedType.FSDP
-        accelerator.state.fsdp_plugin = plugin or FullyShardedDataParallelPlugin()
+        accelerator.state.fsdp_plugin = plugin
+    policy = getattr(accelerator.state, "fsdp_plugin", None) and accelerator.state.fsdp_plugin.mixed_precision_policy
+    if policy is not None and hasattr(policy, "output_dtype"):
+        # FSDP2 would cast the model's output, which is the float32 loss when the loss is computed inside the
+        # head (rho1.head.head_computes), to bf16; and gradients are reduced in float32
+        accelerator.state.fsdp_plugin.mixed_precision_policy = dataclasses.replace(
+            policy, output_dtype=None, reduce_dtype=torch.float32)
     return accelerator
 
 

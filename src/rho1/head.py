@@ -30,22 +30,32 @@ def head_computes(model, fn):
     layer's (outside it the weight is sharded by vocabulary rows) and hooks its backward on what the head
     returns, so the same code runs in one process, under DDP and under FSDP2."""
     head = model.get_output_embeddings()
+    own = head.__dict__.get("forward")  # a hook someone set on this module (head_is_linear refuses those)
     head.forward = lambda hidden: fn(hidden, head.weight)
     try:
         yield
     finally:
-        del head.forward
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
 
 
 @torch.no_grad()
 def head_is_linear(model, input_ids: torch.Tensor) -> bool:
-    """True when the model's logits are exactly what its head, a linear layer without bias, returns (no
-    soft-capping or scaling after the head), checked on real input."""
+    """True when the model's logits are exactly what its head returns and the head is a plain linear layer
+    without bias (nn.Linear's own forward, no hook replacing it: not a scaled or quantized subclass), checked
+    on real input: no soft-capping or scaling after the head."""
     head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or "forward" in head.__dict__ \
+            or type(head).forward is not torch.nn.Linear.forward:
         return False
     seen = {}
-    hook = head.register_forward_hook(lambda module, args, out: seen.setdefault("head", out))
+
+    def look(module, args, out):  # runs first, while FSDP2 still holds the whole weight
+        seen["head"], seen["linear"] = out, torch.nn.functional.linear(args[0], module.weight)
+
+    hook = head.register_forward_hook(look, prepend=True)
     was_training = model.training
     model.eval()
     try:
@@ -54,8 +64,8 @@ def head_is_linear(model, input_ids: torch.Tensor) -> bool:
         hook.remove()
         model.train(was_training)
     out = seen.get("head")
-    return out is not None and out.shape == logits.shape and torch.allclose(out.float(), logits.float(), rtol=1e-3,
-                                                                           atol=1e-3)
+    return out is not None and out.shape == logits.shape and torch.equal(out.float(), logits.float()) and \
+        torch.allclose(out.float(), seen["linear"].float(), rtol=1e-3, atol=1e-3)
 
 
 def forward_selection(model, inputs: dict, labels, ref_loss, ratio: float, score: str = "excess", *, head_of=None,
@@ -84,6 +94,10 @@ def forward_selection(model, inputs: dict, labels, ref_loss, ratio: float, score
 
     with head_computes(head_of, loss), autocast():
         loss_sum = model(**inputs).logits
+    if loss_sum.dtype != picked[0].loss_sum.dtype or not torch.equal(loss_sum.detach(), picked[0].loss_sum.detach()):
+        raise ValueError("the model changes what its LM head returns (soft-capping, scaling or a cast after the head), "
+                         "so the loss cannot be computed from the head's input; pass --loss-impl logits "
+                         "(SelectiveTrainer(loss_impl='logits'))")
     return picked[0].through(loss_sum)
 
 
@@ -98,7 +112,7 @@ def linear_head_of(model, store: TokenStore, seq_len: int):
 def batch_token_losses(model, input_ids, labels, autocast=contextlib.nullcontext, head_of=None, dtype=None):
     """Per-token losses of one batch (float32, shaped like ``labels``), no gradient.
 
-    ``head_of``: the (unwrapped) model, when its logits are a plain linear head (``rho1.model.head_is_linear``):
+    ``head_of``: the (unwrapped) model, when its logits are a plain linear head (``head_is_linear``):
     the losses are then computed from the head's input in chunks, without the ``[tokens x vocab]`` logits
     (faster and smaller). ``dtype``: the head's compute dtype in that case (bf16/fp16 under mixed precision).
     """

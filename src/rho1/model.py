@@ -111,11 +111,11 @@ def save_checkpoint(model, tokenizer, path: Path, extra: dict | None = None, sta
 
     Under FSDP or DeepSpeed pass ``state_dict=accelerator.get_state_dict(model)`` (gathered on every process)."""
     path.mkdir(parents=True, exist_ok=True)
-    if state_dict is not None:  # a gathered state dict holds tied weights twice: keep the first name, as
-        first = {}              # save_pretrained does for the model's own weights
-        for name, param in model.named_parameters(remove_duplicate=False):
-            if first.setdefault(id(param), name) != name:
-                state_dict = {k: v for k, v in state_dict.items() if k != name}
+    if state_dict is not None:  # a gathered state dict holds tied weights twice: drop the head's copy (loading
+        head = model.get_output_embeddings()  # ties it back to the input embedding), as save_pretrained does
+        tied = head is not None and head.weight is getattr(model.get_input_embeddings(), "weight", None)
+        names = [n for n, m in model.named_modules() if m is head] if tied else []
+        state_dict = {k: v for k, v in state_dict.items() if not any(k == f"{n}.weight" for n in names)}
     model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(path)
     if extra:

@@ -1,13 +1,14 @@
 """Run under `accelerate launch --config_file configs/accelerate/fsdp2.yaml`: each rank takes its rows of one
 fixed global batch and computes the SLM loss of an FSDP2-sharded model twice, from the head's input in chunks
 (``rho1.head.forward_selection``) and from full logits, with gradients. Rank 0 saves both (losses, selections,
-whole gradients) and the head weight's shape outside the forward to argv[1]."""
+whole gradients) and the head weight's shape outside the forward to argv[1]; argv[2]: the precision (no)."""
 
+import contextlib
 import sys
 
 import torch
 
-from rho1.accel import make_accelerator
+from rho1.accel import compute_dtype, make_accelerator
 from rho1.head import forward_selection
 from rho1.model import build_model
 from rho1.selection import valid_mask
@@ -31,18 +32,20 @@ def fresh_model():
     return build_model("nano", VOCAB, 64, eos_token_id=0, seed=0)
 
 
-def one_step(model, ids, labels, ref, ratio, rule, path, gather=None, rank=0, scale=1.0):
+def one_step(model, ids, labels, ref, ratio, rule, path, gather=None, rank=0, scale=1.0, accelerator=None):
     """The selection of one batch, after its backward; ``scale`` multiplies the loss sum (processes / valid tokens
-    of the whole batch, as rho1's loop does)."""
+    of the whole batch, as rho1's loop does); ``accelerator`` brings its mixed precision."""
     model.zero_grad(set_to_none=True)
+    precision = accelerator.mixed_precision if accelerator is not None else "no"
     selection = forward_selection(model, {"input_ids": ids}, labels, ref, ratio, head_of=model if path == "chunked"
-                                  else None, gather=gather, rank=rank, rule=rule)
+                                  else None, dtype=compute_dtype(precision), gather=gather, rank=rank, rule=rule,
+                                  autocast=accelerator.autocast if accelerator is not None else contextlib.nullcontext)
     (selection.loss_sum * scale).backward()
     return selection
 
 
 if __name__ == "__main__":
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(sys.argv[2] if len(sys.argv) > 2 else "no")
     model = fresh_model()
     model, _ = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0))  # FSDP2 wants both
     n, rank = accelerator.num_processes, accelerator.process_index
@@ -56,10 +59,11 @@ if __name__ == "__main__":
     for case, (ratio, rule) in CASES.items():
         for path in ("chunked", "logits"):
             sel = one_step(model, ids[mine], labels[mine], ref[mine], ratio, rule, path, accelerator.gather, rank,
-                           n / n_valid)
+                           n / n_valid, accelerator)
             grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
                      for name, p in model.named_parameters()}
             out[f"{case}/{path}"] = {"loss": accelerator.reduce(sel.loss_sum.detach(), "sum") / n_valid,
+                                     "dtype": str(sel.loss_sum.dtype),
                                      "weights": accelerator.gather(sel.weights.contiguous()), "grads": grads}
     if accelerator.is_main_process:
         torch.save(out, sys.argv[1])

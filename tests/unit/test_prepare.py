@@ -47,17 +47,27 @@ def test_non_utf8_file_is_refused(tmp_path):
 
 
 def test_jsonl_is_read_a_line_at_a_time(tmp_path):
-    """A line separator inside a JSON string (U+2028, valid raw JSON) stays in its record, CRLF lines read, and a
-    bad byte is reported at its offset in the file."""
+    """A line separator inside a JSON string (U+2028, valid raw JSON) stays in its record and does not shift the
+    line numbers, CRLF lines and a byte-order mark are read, and a bad byte is reported at its offset in the
+    file, with nothing left behind."""
     from rho1.data.sources import read_documents
 
-    good = tmp_path / "good.jsonl"
-    good.write_bytes('{"text": "one\u2028two"}\r\n\n{"text": "three"}\n'.encode())
-    assert [d.text for d in read_documents([good])] == ["one\u2028two", "three"]
+    good = tmp_path / "good.jsonl"  # a byte-order mark, U+2028 in a string, CRLF, a last line without newline
+    good.write_bytes('\ufeff{"text": "one\u2028two"}\r\n\n{"text": "three"}\n{"text": "four"}'.encode())
+    assert [d.text for d in read_documents([good])] == ["one\u2028two", "three", "four"]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes('{"text": "a\u2028b"}\n{"text": "c"}\n{"text": \n'.encode())
+    with pytest.raises(ValueError, match=r"broken.jsonl line 3 is not valid JSON"):
+        list(read_documents([broken]))
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl is not UTF-8 text \(bad byte at offset 30\)"):
         list(read_documents([bad]))
+    (tmp_path / "tok").mkdir()  # found only as it streams, after the first documents: no half-written store stays
+    prepare(PrepareConfig([str(good)], str(tmp_path / "tok" / "s"), train_tokenizer=300), progress=False)
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        prepare(PrepareConfig([str(bad)], str(tmp_path / "s"), tokenizer=str(tmp_path / "tok" / "s")), progress=False)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "s.partial").exists()
 
 
 def test_parquet_and_folder_sources(tmp_path):

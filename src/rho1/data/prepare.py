@@ -177,7 +177,11 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> TokenStore:
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    written = write_stream(tmp, tokenizer, documents(), cfg.batch_docs, progress, cfg.workers)
+    try:
+        written = write_stream(tmp, tokenizer, documents(), cfg.batch_docs, progress, cfg.workers)
+    except BaseException:  # e.g. a bad line far into a jsonl file, read as it streams: nothing half-written stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     tokenizer.save_pretrained(tmp / "tokenizer")
     seconds = time.time() - start
     manifest = {"format": TOKEN_FORMAT, **{k: written[k] for k in ("dtype", "n_tokens", "n_docs")},

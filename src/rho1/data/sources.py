@@ -106,7 +106,7 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, dict]]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark may open the file
             except UnicodeDecodeError as err:
                 raise _not_utf8(path, offset + err.start) from None
             offset += len(raw)
@@ -140,9 +140,10 @@ def read_jsonl_records(path: Path, required: tuple[str, ...] = ()) -> list[dict]
 def _parquet_records(path: Path) -> Iterator[tuple[str, dict]]:
     import pyarrow.parquet as pq
 
-    rows = (record for batch in pq.ParquetFile(path).iter_batches(batch_size=1024) for record in batch.to_pylist())
-    for i, record in enumerate(rows):  # a batch of rows at a time: files bigger than memory stream through
-        yield f"{path} row {i}", record
+    with pq.ParquetFile(path) as table:  # a batch of rows at a time: files bigger than memory stream through
+        rows = (record for batch in table.iter_batches(batch_size=1024) for record in batch.to_pylist())
+        for i, record in enumerate(rows):
+            yield f"{path} row {i}", record
 
 
 def load_hf_dataset(source: Path | str, split: str = "train"):
