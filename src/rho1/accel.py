@@ -45,3 +45,24 @@ def make_accelerator(precision: str = "no") -> Accelerator:
 def compute_dtype(precision: str) -> torch.dtype | None:
     """The dtype the LM head's loss is computed in under mixed precision (None: the weights' dtype)."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def everyone_agrees(accelerator: Accelerator, ok: bool) -> bool:
+    """True when ``ok`` holds on every process (a refusal on one must stop them all, or the others wait)."""
+    bad = torch.tensor(0.0 if ok else 1.0, device=accelerator.device)
+    return float(accelerator.reduce(bad, "sum")) == 0.0
+
+
+def hold_job_lock(stack, accelerator: Accelerator, out, what: str) -> None:
+    """The main process takes the write lock of ``out`` (``rho1.lock.write_lock``) into ``stack``; when it
+    cannot, every process stops with its sentence."""
+    from rho1.lock import write_lock
+
+    error = None
+    try:
+        stack.enter_context(write_lock(out, what, enabled=accelerator.is_main_process))
+    except ValueError as err:
+        error = err
+    if not everyone_agrees(accelerator, error is None):
+        raise error or ValueError(f"{out} is being written by another process; wait for it to finish (or stop it), "
+                                  "or choose another --out")

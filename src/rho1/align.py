@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from rho1.data.loader import IGNORE_INDEX
+from rho1.model import position_limit
 
 PROJECTION = "bytes-even-v1"
 
@@ -109,7 +110,7 @@ class CrossTokenizerReference:
         # path's windows have none, so neither does this one
         same = tokenizer_hash(tokenizer) == tokenizer_hash(learner_tokenizer)
         self.bos = None if same else tokenizer.bos_token_id
-        self.max_length = max_length or getattr(model.config, "max_position_embeddings", 2048)
+        self.max_length = max_length or (position_limit(model) or 2048)
         self._linear_head: bool | None = None
 
     cross_tokenizer = True  # rho1.head.batch_token_losses asks this object for its losses

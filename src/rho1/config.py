@@ -13,6 +13,7 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
+from rho1.checks import check_choice, check_positive, check_ratio, check_rule_options, check_seq_len  # noqa: F401
 from rho1.selection.rules import RULES
 from rho1.selection.scores import SCORES
 
@@ -47,35 +48,6 @@ def stop_if_ctrl_c() -> None:
         raise KeyboardInterrupt
 
 
-def check_ratio(ratio: float) -> float:
-    ratio = float(ratio)
-    if not (0.0 < ratio <= 1.0) or ratio != ratio:
-        raise ValueError(
-            f"selection ratio must be in (0, 1], got {ratio}; pass e.g. 0.6 to train on the top 60% of tokens"
-        )
-    return ratio
-
-
-def check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(map(str, choices))}, got {value!r}")
-
-
-def check_positive(cfg, *names: str, allow_zero: tuple[str, ...] = ()) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if value is not None and (value < 0 or (value == 0 and name not in allow_zero)):
-            what = "0 or more" if name in allow_zero else "positive"
-            raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {value}")
-
-
-def check_seq_len(seq_len: int | None) -> None:
-    # a window of one token has nothing to predict: every loss would be a mean over zero tokens
-    if seq_len is not None and seq_len < 2:
-        raise ValueError(f"--seq-len must be at least 2 (a window of one token has no next token to predict), "
-                         f"got {seq_len}")
-
-
 def opt(default=MISSING, help: str = "", *, factory=None, **cli):
     """A config field with its command-line help; ``cli`` holds how the option is spelled when it is not
     ``--field-name`` (``flag``, ``short``, ``positional``, ``choices``, ``metavar``, ``cli=False``)."""
@@ -91,15 +63,6 @@ def _scores() -> tuple[str, ...]:
 
 def _rules() -> tuple[str, ...]:
     return tuple(RULES)
-
-
-def check_rule_options(rule: str, temperature: float, threshold: float) -> None:
-    check_choice("rule", rule, tuple(RULES))
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"--temperature must be a positive number, got {temperature}; e.g. 0.25 (towards 0 the soft "
-                         "rule becomes topk)")
-    if not math.isfinite(threshold):
-        raise ValueError(f"--threshold must be a finite number of nats, got {threshold}")
 
 
 @dataclass
@@ -250,7 +213,7 @@ class ExportConfig:
     temperature: float = opt(0.25, "soft rule: sigmoid temperature in nats of score")
     threshold: float = opt(0.0, "threshold rule: keep the tokens scoring above it (nats), at most --ratio of them")
     weights: bool = opt(False, "also write a 'weights' column (always written for a soft rule)")
-    seq_len: int = opt(256, "window length; must match the scores")
+    seq_len: int | None = opt(None, "window length (default: the ScoreStore's, else 256)")
     batch_size: int = opt(16, "windows ranked together, as one micro-batch of `rho1 train --batch-size`")
     seed: int = opt(0, "window order, as `rho1 train --seed` (the export is written in that order)")
     shard_windows: int = opt(8192, "windows per Parquet shard")

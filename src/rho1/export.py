@@ -27,8 +27,9 @@ import torch
 from rho1.accel import compute_dtype
 from rho1.config import ExportConfig, Interrupted, stop_if_ctrl_c
 from rho1.data.loader import IGNORE_INDEX, WindowOrder, make_batch
-from rho1.data.store import check_writable, open_with_scores
+from rho1.data.store import ScoreStore, check_writable, open_with_scores
 from rho1.head import batch_token_losses, linear_head_of
+from rho1.lock import check_not_inside, write_lock
 from rho1.model import check_model_fits, load_model, model_hash
 from rho1.progress import progress_bar
 from rho1.selection import get_rule, select_from_token_loss
@@ -92,7 +93,15 @@ def export(cfg: ExportConfig, progress: bool = True) -> dict:
     if cfg.threads:
         set_threads(cfg.threads)  # leaves torch alone when it already uses that many
     out = Path(cfg.out)
+    check_not_inside(out, {"--data": cfg.data, "--scores": cfg.scores, "--model": cfg.model})
+    with write_lock(out, "rho1 export"):
+        return _export(cfg, out, progress)
+
+
+def _export(cfg: ExportConfig, out: Path, progress: bool) -> dict:
     partial = _check_out(out)
+    if cfg.seq_len is None:  # the scores' windows, as `rho1 eval` and `rho1 view` take them
+        cfg.seq_len = ScoreStore.open(cfg.scores).seq_len if cfg.scores else 256
     store, scores = open_with_scores(cfg.data, cfg.scores, cfg.seq_len, "export")
     model = load_model(cfg.model, cfg.trust_remote_code, dtype=compute_dtype(cfg.precision))
     check_model_fits(model, store, cfg.model)

@@ -16,15 +16,18 @@ Labels of ``-100`` (padding, SFT prompt tokens) are never selected.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from transformers import Trainer
 
 from rho1.align import CrossTokenizerReference
-from rho1.config import check_rule_options
+from rho1.checks import check_rule_options
 from rho1.data.loader import IGNORE_INDEX
 from rho1.data.store import ScoreStore, TokenStore
 from rho1.head import chunked_head_supported, forward_selection, head_is_linear, reference_token_losses
+from rho1.model import position_limit
 from rho1.selection import (
     check_ratio,
     check_score,
@@ -35,11 +38,59 @@ from rho1.selection import (
 )
 
 
-def windows_dataset(store: TokenStore, seq_len: int) -> list[dict]:
+class WindowsDataset(torch.utils.data.Dataset):
+    """The store's windows of ``seq_len`` tokens as examples ``{"input_ids", "offset"}``, read from the
+    memory-mapped store when asked for (a store of any size, in constant memory). Picklable for DataLoader
+    workers: a worker reopens the store by its path instead of copying the tokens."""
+
+    def __init__(self, store: TokenStore, seq_len: int):
+        self.path, self.seq_len, self._store = Path(store.path), seq_len, store
+        self._len = store.num_windows(seq_len)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._len))]
+        if index < 0:
+            index += self._len
+        if not 0 <= index < self._len:
+            raise IndexError(f"window {index} of {self._len}")
+        start = index * self.seq_len
+        tokens = self.store.tokens[start : start + self.seq_len]
+        return {"input_ids": tokens.astype(np.int64).tolist(), "offset": start}
+
+    @property
+    def store(self) -> TokenStore:
+        if self._store is None:
+            self._store = TokenStore.open(self.path)
+        return self._store
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_store": None}
+
+
+def windows_dataset(store: TokenStore, seq_len: int) -> WindowsDataset:
     """The store's windows of ``seq_len`` tokens as examples ``{"input_ids", "offset"}``, the windows
-    `rho1 train` and `rho1 score` use, so a ScoreStore's losses line up with them."""
-    return [{"input_ids": store.tokens[w * seq_len : (w + 1) * seq_len].astype(np.int64).tolist(),
-             "offset": w * seq_len} for w in range(store.num_windows(seq_len))]
+    `rho1 train` and `rho1 score` use, so a ScoreStore's losses line up with them (a lazy Dataset)."""
+    return WindowsDataset(store, seq_len)
+
+
+def check_batch_fits(model, input_ids: torch.Tensor, which: str = "the model") -> None:
+    """One sentence instead of an IndexError deep in the forward: ids beyond the model's vocabulary, or
+    rows longer than its positions."""
+    limit = position_limit(model)
+    if limit is not None and input_ids.shape[-1] > limit:
+        raise ValueError(f"a batch has rows of {input_ids.shape[-1]} tokens but {which} takes at most {limit} "
+                         f"positions; make the examples at most {limit} tokens long (windows_dataset(store, {limit}))")
+    n_embed = model.get_input_embeddings().num_embeddings
+    largest = int(input_ids.max()) if input_ids.numel() else -1
+    if largest >= n_embed:
+        fix = ("pass reference_tokenizer=ITS_TOKENIZER to project its losses onto the model's tokens"
+               if which == "the reference model" else "tokenize the data with the model's own tokenizer")
+        raise ValueError(f"a batch holds token id {largest} but {which} has {n_embed} token embeddings (another "
+                         f"tokenizer); {fix}")
 
 
 class SelectiveCollator:
@@ -193,6 +244,9 @@ class SelectiveTrainer(Trainer):
         return self._chunked_head
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        check_batch_fits(self.accelerator.unwrap_model(model), inputs["input_ids"])
+        if self.reference_model is not None and not getattr(self.reference_model, "cross_tokenizer", False):
+            check_batch_fits(self.reference_model, inputs["input_ids"], "the reference model")
         inputs = dict(inputs)
         labels, ref = self._shifted(inputs)
         inputs.pop("labels")

@@ -55,6 +55,60 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, dtype: torch.
     return model
 
 
+# what configs call the longest input their positions allow (GPT-2: n_positions, MPT: max_seq_len, ...)
+POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length", "seq_length",
+                   "n_ctx")
+
+
+def position_limit(model) -> int | None:
+    """The most tokens a model's positions take, or None when they set no limit (ALiBi, as Bloom; a
+    recurrent state-space model, as Mamba)."""
+    config = getattr(model, "config", model)
+    for name in POSITION_LIMITS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_positions(model, seq_len: int, model_name: str, flag: str = "--seq-len") -> None:
+    """Refuse windows longer than the model's positions (one sentence, before any forward)."""
+    limit = position_limit(model)
+    if limit is not None and seq_len > limit:
+        raise ValueError(f"{flag} {seq_len} is longer than model {model_name} takes ({limit} positions); pass a "
+                         f"{flag} of at most {limit}")
+
+
+def stored_dtype(name_or_path: str | None) -> torch.dtype:
+    """The dtype a model's weights were saved in (its config.json says), which its run's checkpoints keep;
+    float32 for a fresh model or when the config does not say."""
+    if not name_or_path:
+        return torch.float32
+    path = Path(name_or_path) / "config.json"
+    try:
+        if path.is_file():
+            config = json.loads(path.read_text())
+        else:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(name_or_path).to_dict()
+    except (OSError, ValueError):
+        return torch.float32
+    dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float32"), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def dropout_of(model) -> dict[str, float]:
+    """The dropout probabilities a model's config turns on (OPT: 0.1), by name; {} when none."""
+    config = getattr(model, "config", model)
+    found = {}
+    for name, value in config.to_dict().items():
+        if ("dropout" in name or "pdrop" in name) and not name.startswith(("classifier", "summary")) and \
+                isinstance(value, float) and value > 0:
+            found[name] = value
+    return found
+
+
 def model_hash(name_or_path: str, model=None) -> str:
     """Fingerprint of a model: config + weight files for a local folder, else the hub commit."""
     path = Path(name_or_path)
@@ -106,17 +160,31 @@ def check_model_fits(model, store, model_name: str, cross_tokenizer_hint: bool =
             )
 
 
-def save_checkpoint(model, tokenizer, path: Path, extra: dict | None = None, state_dict: dict | None = None) -> None:
+def save_checkpoint(model, tokenizer, path: Path, extra: dict | None = None, state_dict: dict | None = None,
+                    dtype: torch.dtype | None = None) -> None:
     """A Hugging Face checkpoint (safetensors + tokenizer) that from_pretrained and lm-eval read as is.
 
-    Under FSDP or DeepSpeed pass ``state_dict=accelerator.get_state_dict(model)`` (gathered on every process)."""
+    Under FSDP or DeepSpeed pass ``state_dict=accelerator.get_state_dict(model)`` (gathered on every process).
+    ``dtype``: the dtype written (the one the model came in), whatever the dtype it was trained in."""
     path.mkdir(parents=True, exist_ok=True)
+    trained_in = getattr(model.config, "dtype", None)
+    cast = dtype is not None and dtype != next(model.parameters()).dtype
+    if cast:
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v
+                      for k, v in (state_dict if state_dict is not None else model.state_dict()).items()}
     if state_dict is not None:  # a gathered state dict holds tied weights twice: drop the head's copy (loading
         head = model.get_output_embeddings()  # ties it back to the input embedding), as save_pretrained does
         tied = head is not None and head.weight is getattr(model.get_input_embeddings(), "weight", None)
         names = [n for n, m in model.named_modules() if m is head] if tied else []
         state_dict = {k: v for k, v in state_dict.items() if not any(k == f"{n}.weight" for n in names)}
-    model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
+    try:
+        model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
+    finally:
+        model.config.dtype = trained_in  # save_pretrained writes the dtype of the weights in memory
+    if cast:
+        config = json.loads((path / "config.json").read_text())
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(path)
     if extra:
         (path / "rho1_state.json").write_text(json.dumps(extra, indent=2))

@@ -45,6 +45,9 @@ def locate(name_or_path: str, what: str = "model") -> str:
     """``name_or_path`` ready for ``from_pretrained``, or a ValueError naming the problem and the fix."""
     name = str(name_or_path)
     path = Path(name).expanduser()
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"{what} {name} is a symbolic link that leads nowhere (a loop, or its target is gone); pass "
+                         "the folder itself")
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"{what} {name} is a file; pass the folder that holds config.json (a checkpoint folder "

@@ -4,6 +4,7 @@ selection any trainer can use."""
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -82,15 +83,21 @@ def test_soft_and_threshold_runs_log_their_weights(stores, corpus_scores, tmp_pa
 
 
 def test_a_step_that_selects_nothing_does_not_move_the_weights(stores, corpus_scores, start_model, tmp_path):
-    from safetensors.torch import load_file
+    from rho1.train.loop import setup, train_step
 
-    train(TrainConfig(data=str(stores["corpus"].path), scores=str(corpus_scores.path), model=str(start_model),
+    cfg = TrainConfig(data=str(stores["corpus"].path), scores=str(corpus_scores.path), model=str(start_model),
                       out=str(tmp_path / "run"), objective="slm", rule="threshold", threshold=1e9, seq_len=SEQ_LEN,
-                      batch_size=4, max_tokens=2 * 4 * SEQ_LEN), progress=False)
-    steps = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
-    assert len(steps) == 2 and all(r["selected"] == 0 for r in steps)
-    before, after = load_file(start_model / "model.safetensors"), load_file(tmp_path / "run" / "final" / "model.safetensors")
-    assert all(torch.equal(before[k], after[k]) for k in after)  # AdamW's weight decay did not run either
+                      batch_size=4, max_tokens=2 * 4 * SEQ_LEN)
+    run = setup(cfg, progress=False)
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    result = train_step(run, 0)
+    run.held.close()
+    assert result.selected == 0 and result.valid > 0 and result.score_range[1] < 1e9
+    assert all(torch.equal(before[k], v) for k, v in run.model.state_dict().items())  # no AdamW weight decay either
+    # a whole run of such steps trains on nothing: it stops, and writes no final model
+    with pytest.raises(ValueError, match="no token was selected in 2 steps in a row"):
+        train(replace(cfg, out=str(tmp_path / "run2")), progress=False)
+    assert not (tmp_path / "run2" / "final").exists()
 
 
 def _rho1(*args):

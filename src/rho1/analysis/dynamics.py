@@ -19,7 +19,7 @@ import yaml
 
 from rho1.analysis.plots import figure, to_data_uri
 from rho1.config import DynamicsConfig
-from rho1.data.store import TokenStore, check_writable
+from rho1.data.store import TokenStore, check_writable, read_json
 from rho1.head import linear_head_of, token_losses
 from rho1.model import load_model
 from rho1.train.checkpoint import checkpoints
@@ -30,6 +30,8 @@ COLORS = {"H->H": "#d62728", "L->H": "#ff7f0e", "H->L": "#1f77b4", "L->L": "#2ca
 
 def run_checkpoints(run: Path, include_start: bool = True) -> list[tuple[int, Path]]:
     """(tokens trained, HF checkpoint folder) of a run, in training order."""
+    if not run.is_dir():
+        raise ValueError(f"run {run} does not exist; pass the --out folder of a `rho1 train` run")
     found = []
     config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
     start = config.get("model")
@@ -38,7 +40,7 @@ def run_checkpoints(run: Path, include_start: bool = True) -> list[tuple[int, Pa
     found += [(int(p.name), p) for p in checkpoints(run)]
     final = run / "final"
     if (final / "rho1_state.json").is_file():
-        found.append((json.loads((final / "rho1_state.json").read_text())["tokens"], final))
+        found.append((read_json(final / "rho1_state.json")["tokens"], final))
     if len(found) < 2:
         raise ValueError(f"run {run} has {len(found)} checkpoint(s); dynamics need at least 2: train with "
                          "--save-every TOKENS --keep-last 0")
@@ -126,7 +128,7 @@ def _pruned_checkpoints(run: Path, run_cfg: dict) -> int:
     final = run / "final" / "rho1_state.json"
     if not (save_every and keep_last and final.is_file()):
         return 0
-    tokens = json.loads(final.read_text())["tokens"]
+    tokens = read_json(final)["tokens"]
     written = max(0, (tokens - 1) // save_every)  # one every save_every tokens before the end
     kept = sum(p.name.isdigit() for p in (run / "checkpoints").iterdir()) if (run / "checkpoints").is_dir() else 0
     return max(0, written - kept)

@@ -8,7 +8,6 @@ against the first run (or the first CLM run). Plots are inline PNG data URIs; th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jinja2
@@ -20,7 +19,7 @@ from rho1.analysis.dynamics import CLASSES, Dynamics, classify
 from rho1.analysis.html import render_page
 from rho1.analysis.plots import figure, to_data_uri
 from rho1.config import ReportConfig
-from rho1.data.store import check_writable
+from rho1.data.store import check_writable, read_json, read_jsonl
 from rho1.eval.curves import format_efficiency, read_curve, target_key, token_efficiency
 
 BODY = jinja2.Template("""\
@@ -49,7 +48,7 @@ STYLE = "figure { display: inline-block; margin: 0.5em; } img { max-width: 560px
 def read_run(path: Path) -> dict:
     if not (path / "metrics.jsonl").is_file():
         raise ValueError(f"{path} is not a run directory of `rho1 train` (no metrics.jsonl)")
-    records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_jsonl(path / "metrics.jsonl")
     config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
     return {"name": path.name, "path": path, "config": config, "records": records,
             "evals": [r for r in records if r["kind"] == "eval"], "steps": [r for r in records if r["kind"] == "train"]}
@@ -66,7 +65,7 @@ def load_dynamics(run: Path) -> Dynamics | None:
     meta_path = run / "dynamics" / "meta.json"
     if not meta_path.is_file():
         return None
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path, "run `rho1 dynamics` again")
     losses = np.load(run / "dynamics" / "losses.npy", allow_pickle=False)
     tokens = np.array(meta["checkpoint_tokens"])
     classes, delta = classify(losses, tokens, meta["threshold"])

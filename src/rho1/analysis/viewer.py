@@ -151,7 +151,16 @@ def run_checkpoint_columns(run: str, fractions=(0.0, 1 / 3, 2 / 3, 1.0)) -> list
     """The run's checkpoints closest to 0/33/66/100% of its training, as in the paper's Table 7."""
     from rho1.analysis.dynamics import run_checkpoints
 
-    found = run_checkpoints(Path(run))
+    how = ("--run shows checkpoints side by side: train with --save-every TOKENS --keep-last 0, or pass --model "
+           "RUN/final for one model")
+    if not (Path(run) / "config.yaml").is_file() and Path(run).is_dir():
+        raise ValueError(f"{run} is not a run folder of `rho1 train` (no config.yaml); pass the --out of a run")
+    try:
+        found = run_checkpoints(Path(run))
+    except ValueError as err:
+        if "checkpoint(s)" not in str(err):
+            raise
+        raise ValueError(f"run {run} has fewer than 2 checkpoints; {how}") from None
     last = found[-1][0]
     chosen = []
     for f in fractions:

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from rho1.config import PrepareConfig
-from rho1.data.sources import expand_sources, read_documents
-from rho1.data.store import TOKEN_FORMAT, TokenStore, replace_dir, write_json_atomic
+from rho1.data.sources import HF_PREFIX, expand_sources, read_documents
+from rho1.data.store import TOKEN_FORMAT, TokenStore, check_writable, write_json_atomic
 from rho1.data.tokenizer import load_tokenizer, tokenizer_hash, train_bpe
+from rho1.lock import check_not_inside, write_lock
 from rho1.progress import progress_bar
 
 
@@ -54,21 +55,47 @@ def unescape_template(template: str | None) -> str | None:
     return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m[1]], template)
 
 
+# what a TokenStore is made of: --overwrite replaces these and nothing else in its folder
+STORE_FILES = ("manifest.json", "tokens.bin", "target_mask.bin", "doc_offsets.npy", "doc_labels.npy", "tokenizer")
+
+
 def check_out(out: Path, overwrite: bool) -> None:
-    """``out`` may be new, an empty folder, or (with ``overwrite``) an older TokenStore; never anything else."""
+    """``out`` may be new, an empty folder, or (with ``overwrite``) an older TokenStore, or what a replacement
+    of one that was killed left (its files without a manifest); never anything else."""
     if not out.exists():
         return
     if not out.is_dir():
         raise ValueError(f"--out {out} is an existing file; rho1 prepare never replaces a file: choose another --out")
     try:
         is_store = json.loads((out / "manifest.json").read_text()).get("format") == TOKEN_FORMAT
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         is_store = False
     if is_store and not overwrite:
         raise ValueError(f"{out} already holds a TokenStore; pass --overwrite to replace it (ScoreStores made from it "
                          "will no longer match it) or choose another --out")
-    if not is_store and any(out.iterdir()):
+    half_replaced = overwrite and all(p.name in STORE_FILES for p in out.iterdir())
+    if not is_store and not half_replaced and any(out.iterdir()):
         raise ValueError(f"--out {out} is a folder that holds other files; choose a new or empty folder")
+
+
+def move_store_into_place(tmp: Path, out: Path) -> None:
+    """The finished store in ``tmp`` becomes ``out``. Over an older store only its own files are replaced
+    (the manifest goes first and comes last, so a half-replaced folder is never read as a store); anything
+    else in the folder, an export or a note, stays."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    (out / "manifest.json").unlink(missing_ok=True)
+    for name in STORE_FILES[1:]:
+        old = out / name
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink(missing_ok=True)
+    for name in (*STORE_FILES[1:], "manifest.json"):
+        if (tmp / name).exists():
+            os.replace(tmp / name, out / name)
+    shutil.rmtree(tmp)
 
 
 def _tokenizer(cfg: PrepareConfig, texts):
@@ -164,6 +191,14 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> TokenStore:
     cfg.check()
     out = Path(cfg.out)
     check_out(out, cfg.overwrite)
+    check_writable(out)
+    check_not_inside(out, [("source", s) for s in cfg.sources if not s.startswith(HF_PREFIX)])
+    with write_lock(out, "rho1 prepare"):
+        return _prepare(cfg, out, progress)
+
+
+def _prepare(cfg: PrepareConfig, out: Path, progress: bool) -> TokenStore:
+    check_out(out, cfg.overwrite)
     files = expand_sources(cfg.sources)
     template = unescape_template(cfg.template)
 
@@ -192,7 +227,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> TokenStore:
                 "labels": written["labels"],
                 **{k: written[k] for k in ("has_target_mask", "content_hash", "sha256")}, "seconds": round(seconds, 3)}
     write_json_atomic(tmp / "manifest.json", manifest)
-    replace_dir(tmp, out)
+    move_store_into_place(tmp, out)
     if progress:
         print(f"prepare: {written['n_tokens']:,} tokens in {written['n_docs']:,} documents -> {out} "
               f"({written['n_tokens'] / max(seconds, 1e-9):,.0f} tokens/s, {written['dtype']})")

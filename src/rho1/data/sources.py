@@ -50,14 +50,31 @@ def expand_sources(paths: list[str | Path]) -> list[Path | str]:
             files.extend(found)
         elif path.is_file():
             files.append(path)
+        elif path.is_symlink():
+            raise ValueError(f"source {path} is a symbolic link that leads nowhere (a loop, or its target is gone); "
+                             "point to the file itself")
         else:
             raise FileNotFoundError(f"source {path} does not exist; check the path")
     return files
 
 
+def _guess_encoding(path: Path) -> str:
+    """What a file that is not UTF-8 most likely is: UTF-16 by its byte-order mark, else Windows-1252 (which
+    decodes far more real files than Latin-1 does correctly: curly quotes, dashes and the euro sign)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "utf-16"
+    try:
+        head.decode("cp1252")
+        return "cp1252"
+    except UnicodeDecodeError:
+        return "latin1"
+
+
 def _not_utf8(path: Path, offset: int) -> ValueError:
-    return ValueError(f"{path} is not UTF-8 text (bad byte at offset {offset}); convert it first, "
-                      f"e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}")
+    return ValueError(f"{path} is not UTF-8 text (bad byte at offset {offset}); convert it first, e.g. "
+                      f"iconv -f {_guess_encoding(path)} -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}")
 
 
 def _read_utf8(path: Path) -> str:
@@ -155,7 +172,14 @@ def load_hf_dataset(source: Path | str, split: str = "train"):
         data = datasets.load_from_disk(str(source))
     else:
         name, _, config = source[len(HF_PREFIX):].partition(":")
-        data = datasets.load_dataset(name, config or None, split=split)
+        try:
+            data = datasets.load_dataset(name, config or None, split=split)
+        except ValueError as err:
+            if "split" not in str(err).lower():
+                raise
+            found = " ".join(str(err).split())[:200]
+            raise ValueError(f"dataset {source} has no split {split!r} ({found}); pass --split with one of its "
+                             "splits") from None
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
             raise ValueError(f"dataset {source} has no split {split!r}; pass --split with one of: {', '.join(data)}")

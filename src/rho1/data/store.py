@@ -23,9 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -45,17 +43,45 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: Path, how: str = "restore or recreate it") -> dict:
+    """A JSON file, or one sentence naming the file, the line and what is wrong."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text (corrupted?); {how}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} line {err.lineno} is not valid JSON ({err.msg}, column {err.colno}); {how}") from None
+
+
+def read_jsonl(path: Path, how: str = "fix or remove that line", torn_tail: bool = False) -> list[dict]:
+    """Every record of a JSON-lines file (metrics.jsonl), or one sentence naming the file and the line.
+    ``torn_tail``: a last line that does not parse is dropped (what a killed writer leaves)."""
+    records = []
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if torn_tail and lineno == len(lines):
+                break
+            raise ValueError(f"{path} line {lineno} is not valid JSON ({err.msg}, column {err.colno}); {how}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path} line {lineno} is not a JSON object; {how}")
+        records.append(record)
+    return records
+
+
 def read_manifest(path: Path, kind: str, expected_format: str) -> dict:
     manifest_path = Path(path) / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{path} is not a {kind} (no manifest.json); create it with `rho1 "
                                 f"{'prepare' if kind == 'TokenStore' else 'score'}`")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
-        raise ValueError(f"{manifest_path} is corrupted (not valid JSON); recreate the {kind}") from None
-    if manifest.get("format") != expected_format:
-        raise ValueError(f"{path} is not a {kind} (format {manifest.get('format')!r}, expected {expected_format!r})")
+    manifest = read_json(manifest_path, f"the file is corrupted: recreate the {kind}")
+    if not isinstance(manifest, dict) or manifest.get("format") != expected_format:
+        raise ValueError(f"{path} is not a {kind} (format {getattr(manifest, 'get', lambda k: None)('format')!r}, "
+                         f"expected {expected_format!r})")
     return manifest
 
 
@@ -148,13 +174,21 @@ class TokenStore:
     def tokenizer(self):
         from rho1.data.tokenizer import load_tokenizer
 
+        if not (self.path / "tokenizer").is_dir():
+            raise ValueError(f"TokenStore {self.path} has lost its tokenizer/ folder; recreate the store with "
+                             "`rho1 prepare` (--overwrite)")
         return load_tokenizer(self.path / "tokenizer")
 
     def num_windows(self, seq_len: int) -> int:
         return num_windows(self.n_tokens, seq_len)
 
     def verify(self) -> TokenStore:
+        """Every file against its hash, and every token id against the vocabulary the manifest names."""
         verify_files(self.path, self.manifest, "TokenStore", "recreate it with `rho1 prepare`")
+        largest = max((int(self.tokens[i : i + (1 << 24)].max()) for i in range(0, self.n_tokens, 1 << 24)), default=-1)
+        if largest >= self.vocab_size:
+            raise ValueError(f"TokenStore {self.path} holds token id {largest} but its manifest says vocab_size "
+                             f"{self.vocab_size} (the manifest was edited or damaged); recreate it with `rho1 prepare`")
         return self
 
 
@@ -181,10 +215,15 @@ class ScoreStore:
                 f"scores {self.path} were made with another tokenizer than TokenStore {store.path}; "
                 f"score this store with `rho1 score --data {store.path}`"
             )
-        if m["token_store_hash"] != store.hash or m["n_tokens"] != store.n_tokens:
+        if m["token_store_hash"] != store.hash:
             raise ValueError(
                 f"scores {self.path} belong to another corpus than TokenStore {store.path} "
                 f"(hash {m['token_store_hash']} vs {store.hash}); score this store with `rho1 score --data {store.path}`"
+            )
+        if m["n_tokens"] != store.n_tokens:
+            raise ValueError(
+                f"scores {self.path} count {m['n_tokens']:,} tokens but TokenStore {store.path} holds {store.n_tokens:,} "
+                "(a manifest edited or damaged); score this store again with `rho1 score` into a new --out"
             )
 
     @property
@@ -227,21 +266,13 @@ def check_writable(path: str | Path, flag: str = "--out", folder: bool = True) -
                          f"choose a folder you can write to") from None
 
 
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished temporary directory into place, replacing an older one."""
-    if final.exists():
-        old = final.with_name(final.name + f".old-{int(time.time())}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
 def open_with_scores(data: str, scores: str | None, seq_len: int, verb: str = "train") -> tuple[TokenStore, ScoreStore | None]:
     """A TokenStore and its ScoreStore (when given), checked to belong together and to use ``seq_len``."""
     store = TokenStore.open(data).verify()
     score_store = ScoreStore.open(scores, store).verify() if scores else None
+    if score_store is not None and score_store.manifest.get("mean_loss") is None and store.n_tokens > 1:
+        raise ValueError(f"scores {score_store.path} hold no finite score (every token's reference loss is NaN), so "
+                         f"nothing could be selected; score the store again with `rho1 score --data {store.path}`")
     if score_store is not None and score_store.seq_len != seq_len:
         raise ValueError(f"scores {score_store.path} were computed with windows of {score_store.seq_len} tokens but "
                          f"--seq-len is {seq_len}; {verb} with --seq-len {score_store.seq_len} or rescore with "

@@ -39,12 +39,30 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
 
     name = locate(str(name_or_path), "tokenizer")
     try:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        if _saved_as_plain_fast(Path(name)):
+            # AutoTokenizer would pick the class of the model type in config.json (Qwen2Tokenizer for a qwen2
+            # folder), which rebuilds the pre-tokenizer and normalizer: what loads must be what was saved
+            tok = PreTrainedTokenizerFast.from_pretrained(name)
+        else:
+            tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise ValueError(f"could not load tokenizer {name_or_path}: {' '.join(str(err).split())[:300]}") from err
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer {name_or_path} has no EOS token; documents need one to be separated")
     return tok
+
+
+def _saved_as_plain_fast(folder: Path) -> bool:
+    """A local folder whose tokenizer was saved as a plain ``tokenizers`` tokenizer (rho1's own BPE, or any
+    ``PreTrainedTokenizerFast``), with its tokenizer.json beside it."""
+    config = folder / "tokenizer_config.json"
+    if not (folder / "tokenizer.json").is_file() or not config.is_file():
+        return False
+    try:
+        saved = json.loads(config.read_text()).get("tokenizer_class")
+    except (ValueError, OSError, AttributeError):
+        return False
+    return saved in ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def tokenizer_hash(tokenizer) -> str:

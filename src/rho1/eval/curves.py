@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 
 def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
     """First point (linearly interpolated between evaluations) where a loss curve gets to ``target``."""
@@ -35,13 +33,9 @@ def token_efficiency(baseline: list[tuple[int, float]], other: list[tuple[int, f
 
 def read_curve(metrics_path, key: str) -> list[tuple[int, float]]:
     """(tokens, value) of one eval metric from a run's metrics.jsonl."""
-    curve = []
-    with open(metrics_path) as f:
-        for line in f:
-            record = json.loads(line)
-            if record.get("kind") == "eval" and key in record:
-                curve.append((record["tokens"], record[key]))
-    return curve
+    from rho1.data.store import read_jsonl
+
+    return [(r["tokens"], r[key]) for r in read_jsonl(metrics_path) if r.get("kind") == "eval" and key in r]
 
 
 def format_efficiency(value: float, reached: bool) -> str:

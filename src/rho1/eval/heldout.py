@@ -55,7 +55,7 @@ def evaluate_model(cfg: EvalConfig, progress: bool = True) -> dict:
 
     from rho1.data.store import ScoreStore, check_writable
     from rho1.data.tokenizer import load_tokenizer
-    from rho1.model import check_model_fits, load_model
+    from rho1.model import check_model_fits, check_positions, load_model
 
     cfg.check()
     if cfg.threads:
@@ -80,6 +80,7 @@ def evaluate_model(cfg: EvalConfig, progress: bool = True) -> dict:
         results["answers"] = answer_accuracy(model, load_tokenizer(cfg.model, cfg.trust_remote_code), answers)
     for store, score_store in zip(stores, scores):
         check_model_fits(model, store, cfg.model)
+        check_positions(model, seq_len, cfg.model, "--seq-len" if cfg.seq_len else "the window length")
         losses = token_losses(model, store, seq_len, cfg.batch_size, progress=progress, desc=store.path.name,
                               head_of=linear_head_of(model, store, seq_len))
         ref = None if score_store is None else np.asarray(score_store.scores, np.float32)

@@ -15,6 +15,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from rho1.analysis.dynamics import DynamicsConfig, compute_dynamics
 from rho1.analysis.report import ReportConfig, report
 from rho1.analysis.viewer import ViewConfig, build_view, run_checkpoint_columns
@@ -136,6 +138,7 @@ def compare(files: dict[str, Path], cfg: DemoConfig, progress: bool = True, seco
         summary["report"] = write_report(out, stores["heldout"].path, stores["web"].path, scores["web"].path, cfg,
                                          progress)
     summary["stage_seconds"] = timer.seconds
+    summary["threads"] = torch.get_num_threads()  # the numbers depend on it: --threads N reproduces them
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if progress:
         print_table(summary, out)
@@ -204,7 +207,8 @@ def print_table(summary: dict, out: Path) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(cells, widths)))
     stage_s = ", ".join(f"{k} {v:.0f}s" for k, v in summary["stage_seconds"].items())
     print("\ntoken efficiency = tokens CLM needs to reach its final target loss / tokens the run needs to reach it")
-    print(f"stages: {stage_s} (total {sum(summary['stage_seconds'].values()):.0f}s)")
+    print(f"stages: {stage_s} (total {sum(summary['stage_seconds'].values()):.0f}s, {summary['threads']} CPU threads: "
+          f"`--threads {summary['threads']}` reproduces these numbers)")
     if not math.isnan(summary["token_efficiency"]) and summary["token_efficiency"] < 1.0:
         print("SLM did not beat CLM on this run: the table reports it as measured.")
     print(f"summary: {out / 'summary.json'}")

@@ -17,10 +17,11 @@ from markupsafe import escape
 from rho1.analysis.html import render_page
 from rho1.analysis.plots import figure, to_data_uri
 from rho1.config import SweepConfig
-from rho1.data.store import check_writable
+from rho1.data.store import check_writable, read_json
 from rho1.data.tokenizer import load_tokenizer
 from rho1.eval.accuracy import AnswerConfig, answer_accuracy
 from rho1.eval.curves import target_key
+from rho1.lock import write_lock
 from rho1.model import load_model
 from rho1.train import TrainConfig, checkpoints, train
 
@@ -62,14 +63,21 @@ def _ratio_plot(results: dict, key: str, title: str, path: Path) -> str:
 
 
 def sweep(cfg: SweepConfig, progress: bool = True) -> dict:
-    runs = plan(cfg)
+    """Train every planned run (resuming any a kill left halfway), then the table and the plot; one sweep
+    writes --out at a time."""
     out = Path(cfg.out)
     check_writable(out)
+    with write_lock(out, "rho1 sweep"):
+        return _sweep(cfg, out, progress)
+
+
+def _sweep(cfg: SweepConfig, out: Path, progress: bool) -> dict:
+    runs = plan(cfg)
     results = {}
     for name, train_cfg in runs.items():
         done = Path(train_cfg.out) / "summary.json"
         if done.is_file():
-            summary = json.loads(done.read_text())
+            summary = read_json(done, f"delete it to train {name} again")
             if progress:
                 print(f"sweep: {name} already done")
         else:

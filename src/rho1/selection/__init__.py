@@ -26,7 +26,7 @@ def __getattr__(name: str):
     import importlib
 
     if name == "check_ratio":
-        from rho1.config import check_ratio
+        from rho1.checks import check_ratio
 
         return check_ratio
     for module, names in _HEAVY.items():

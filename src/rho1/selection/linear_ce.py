@@ -4,6 +4,8 @@ tokens only."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from rho1.selection.loss import Selection, check_inputs, flag_non_finite, select_from_token_loss, valid_mask
@@ -171,5 +173,4 @@ def selective_linear_cross_entropy(
                                            (token_loss.reshape(-1)[rows] * row_weights).sum(), chunk_size)
     loss_sum = flag_non_finite(loss_sum, token_loss, valid.view(shape))
     loss = loss_sum / picked.n_selected if picked.n_selected > 0 else loss_sum * 0.0
-    return Selection(loss, loss_sum, picked.mask, picked.n_selected, picked.n_valid, token_loss, picked.stats,
-                     picked.weights)
+    return replace(picked, loss=loss, loss_sum=loss_sum, token_loss=token_loss)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from rho1.config import check_ratio
+from rho1.checks import check_ratio
 from rho1.selection.rules import get_rule
 from rho1.selection.scores import get_score
 
@@ -69,6 +69,7 @@ class Selection:
     token_loss: torch.Tensor
     stats: dict = field(default_factory=dict)
     weights: torch.Tensor | None = None
+    score_range: tuple[float, float] | None = None  # lowest and highest finite score of the candidates (ranked)
 
     def through(self, loss_sum: torch.Tensor) -> Selection:
         """This selection with ``loss_sum`` as it came out of a model's forward (``rho1.head.head_computes``),
@@ -170,7 +171,7 @@ def select_from_token_loss(
     """
     valid = valid_mask(labels, ref_loss, ignore_index)
     all_valid = valid if gather is None else gather(valid.to(torch.uint8)).bool()
-    n_valid = int(all_valid.sum())
+    n_valid, score_range = int(all_valid.sum()), None
     chosen = get_rule(rule)
     if rule == "topk" and num_selected(n_valid, ratio) == n_valid:  # every valid token: nothing to rank
         weights, total = valid.float(), float(n_valid)
@@ -180,7 +181,11 @@ def select_from_token_loss(
         if gather is not None:  # every process scores the whole gathered batch, as one process would
             learner = gather(learner.contiguous())
             reference = None if reference is None else gather(reference.contiguous())
-        scores = get_score(score).fn(learner, reference, generator).float()
+        scores = score_tokens(score, learner, reference, generator)
+        all_valid = all_valid & torch.isfinite(scores)  # a NaN score is never selected, whoever computed it
+        if all_valid.any():
+            candidates = scores[all_valid]
+            score_range = (float(candidates.min()), float(candidates.max()))
         weights = chosen.fn(scores, all_valid, ratio, **(rule_options or {})).float()
         # a rule of one's own is held to the contract: finite, in [0, 1], 0 where a token cannot be selected
         weights = torch.where(all_valid, torch.nan_to_num(weights, nan=0.0).clamp(0.0, 1.0), 0.0)
@@ -193,4 +198,15 @@ def select_from_token_loss(
     loss_sum = flag_non_finite(loss_sum, token_loss, valid)
     loss = loss_sum / max(total, 1e-12) if total > 0 else loss_sum * 0.0
     stats = selection_stats(token_loss, ref_loss, mask, valid, None if chosen.hard else weights)
-    return Selection(loss, loss_sum, mask, total, n_valid, token_loss.detach(), stats, weights)
+    return Selection(loss, loss_sum, mask, total, n_valid, token_loss.detach(), stats, weights, score_range)
+
+
+def score_tokens(score: str, learner: torch.Tensor, reference: torch.Tensor | None, generator=None) -> torch.Tensor:
+    """A registered score function's scores (float32), held to its contract: one score per token."""
+    scores = get_score(score).fn(learner, reference, generator)
+    if not isinstance(scores, torch.Tensor) or scores.shape != learner.shape:
+        got = f"a tensor of shape {tuple(scores.shape)}" if isinstance(scores, torch.Tensor) else \
+            f"a {type(scores).__name__}"
+        raise ValueError(f"score function {score!r} returned {got}; it must return a tensor of one score per token, "
+                         f"shaped like the learner's losses: {tuple(learner.shape)}")
+    return scores.float()

@@ -27,10 +27,12 @@ SCORES: dict[str, ScoreFunction] = {}
 
 
 def register_score(name: str, fn: Callable, needs_reference: bool = True, help: str = "") -> ScoreFunction:
-    """Make ``name`` a score function everywhere (``--score NAME``, ``score="NAME"``). Registering a name
-    again replaces it."""
+    """Make ``name`` a score function everywhere (``--score NAME``, ``score="NAME"``). Registering one of
+    your own names again replaces it; the built-in names cannot be replaced."""
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"a score function's name must be letters, digits, - or _, got {name!r}")
+    if name in BUILT_IN and name in SCORES:
+        raise ValueError(f"{name!r} is a built-in score function; register yours under another name")
     SCORES[name] = ScoreFunction(name, fn, needs_reference, help)
     return SCORES[name]
 
@@ -53,6 +55,7 @@ def _random(learner, reference, generator=None):
     return torch.rand(learner.shape, generator=generator, device="cpu").to(learner.device)
 
 
+BUILT_IN = ("excess", "reference", "learner", "random")
 register_score("excess", lambda learner, reference, generator=None: learner - reference, True,
                "learner loss minus reference loss (the paper's rule)")
 register_score("reference", lambda learner, reference, generator=None: -reference, True,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from rho1.data.store import check_writable, sha256_file, verify_files
+from rho1.data.store import check_writable, read_json, sha256_file, verify_files
 from rho1.model import save_checkpoint
 
 STATE_FILE = "rho1_state.json"
@@ -38,7 +38,7 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def read_training_state(path: Path) -> dict:
     """Our position in a checkpoint, after checking its weights against the hashes written with it."""
-    state = json.loads((path / STATE_FILE).read_text())
+    state = read_json(path / STATE_FILE, f"delete {path} to resume from the checkpoint before it")
     verify_files(path, state, "checkpoint", f"delete {path} to resume from the checkpoint before it")
     return state
 
@@ -54,6 +54,52 @@ def check_run_folder(out: Path, resume: bool) -> Path | None:
     if out.is_dir() and not (out / "config.yaml").is_file() and any(out.iterdir()):
         raise ValueError(f"--out {out} is a folder that holds other files; choose a new or empty folder")
     return None
+
+
+# options a resumed run may change: they decide how a run is watched and kept, not what it computes
+CHANGEABLE_ON_RESUME = ("threads", "log_every", "eval_every", "eval_max_windows", "save_every", "keep_last", "resume",
+                        "skip_nonfinite", "out")
+PATH_OPTIONS = ("data", "scores", "reference", "model", "eval_data", "eval_scores")
+
+
+def _as_written(name: str, value):
+    """A value as compared on resume: paths that exist resolved (``stores/web`` and ``./stores/web/`` agree)."""
+    def one(v):
+        return str(Path(v).resolve()) if isinstance(v, str) and v and Path(v).exists() else v
+
+    if name in PATH_OPTIONS:
+        return [one(v) for v in value] if isinstance(value, list) else one(value)
+    return value
+
+
+def check_same_recipe(out: Path, cfg, state: dict, store_hash: str, scores_hash: str | None) -> None:
+    """A resumed run must be the run that was started: every option that changes what it computes (and the
+    data, by content) as written in RUN/config.yaml and the checkpoint, or one sentence naming each change."""
+    import yaml
+
+    path = out / "config.yaml"
+    try:
+        old = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError:
+        raise ValueError(f"{path} is not valid YAML (edited by hand?); restore it to resume the run") from None
+    changes = []
+    for name, value in vars(cfg).items():
+        if not isinstance(old, dict) or name in CHANGEABLE_ON_RESUME or name not in old:
+            continue
+        before, now = _as_written(name, old[name]), _as_written(name, value)
+        if before != now:
+            changes.append(f"--{name.replace('_', '-')} {old[name]!r} -> {value!r}")
+    if state.get("token_store_hash") not in (None, store_hash):
+        changes.append(f"the TokenStore's content (hash {state['token_store_hash']} -> {store_hash}: rebuilt since)")
+    if state.get("scores_hash") not in (None, scores_hash):
+        changes.append("the ScoreStore's content (rescored since)")
+    if not changes:
+        return
+    how = ("; a run's length cannot change in place (the learning-rate schedule is set by --max-tokens): to train "
+           f"further, start a new run with --model {out / 'final'}" if any("--max-tokens" in c for c in changes)
+           else "")
+    raise ValueError(f"--resume would continue {out} with another recipe: {'; '.join(changes)}; rerun with the "
+                     f"options it started with ({path}), or start a new run in another --out{how}")
 
 
 class CheckpointError(OSError):
@@ -90,20 +136,22 @@ def drop_tied_duplicates(models, weights, output_dir) -> None:
 class Checkpointer:
     """Saves and restores one run's checkpoints with accelerate (every process calls every method)."""
 
-    def __init__(self, out: Path, accelerator, tokenizer, keep_last: int):
+    def __init__(self, out: Path, accelerator, tokenizer, keep_last: int, dtype=None):
+        """``dtype``: the dtype the Hugging Face folders are written in (the one the model came in)."""
         self.out, self.accelerator, self.tokenizer, self.keep_last = Path(out), accelerator, tokenizer, keep_last
+        self.dtype = dtype
         accelerator.register_save_state_pre_hook(drop_tied_duplicates)
 
-    def resume(self, path: Path) -> dict:
-        state = read_training_state(path)
+    def resume(self, path: Path) -> None:
+        """The optimizer, RNG and scaler of a checkpoint (its weights checked by ``read_training_state``)."""
         self.accelerator.load_state(str(path / "state"))
-        return state
 
     def save_final(self, model, info: dict) -> None:
         self.accelerator.wait_for_everyone()
         state_dict = self.accelerator.get_state_dict(model)  # a collective under FSDP/DeepSpeed
         if self.accelerator.is_main_process:
-            save_checkpoint(self.accelerator.unwrap_model(model), self.tokenizer, self.out / "final", info, state_dict)
+            save_checkpoint(self.accelerator.unwrap_model(model), self.tokenizer, self.out / "final", info, state_dict,
+                            self.dtype)
 
     def save(self, model, position: dict) -> None:
         """A resumable checkpoint at ``position["tokens"]``, then the oldest beyond --keep-last go."""
@@ -117,7 +165,7 @@ class Checkpointer:
             acc.save_state(str(tmp / "state"))
             state_dict = acc.get_state_dict(model)
             if acc.is_main_process:
-                save_checkpoint(acc.unwrap_model(model), self.tokenizer, tmp, state_dict=state_dict)
+                save_checkpoint(acc.unwrap_model(model), self.tokenizer, tmp, state_dict=state_dict, dtype=self.dtype)
                 files = {f.name: sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))}
                 (tmp / STATE_FILE).write_text(json.dumps({**position, "sha256": files}, indent=2))
         except (OSError, RuntimeError, SafetensorError) as err:  # torch and safetensors wrap I/O errors

@@ -20,13 +20,14 @@ import torch
 import yaml
 from accelerate import Accelerator
 
-from rho1.accel import compute_dtype, make_accelerator
+from rho1.accel import compute_dtype, everyone_agrees, hold_job_lock, make_accelerator
 from rho1.align import load_reference
 from rho1.config import Interrupted, TrainConfig, stop_if_ctrl_c
 from rho1.data.loader import WindowOrder, make_batch
-from rho1.data.store import ScoreStore, TokenStore, open_with_scores
+from rho1.data.store import ScoreStore, TokenStore, check_writable, open_with_scores, read_jsonl
 from rho1.head import chunked_head_supported, forward_selection, linear_head_of, reference_token_losses
-from rho1.model import build_model, check_model_fits, load_model
+from rho1.lock import check_not_inside
+from rho1.model import build_model, check_model_fits, check_positions, dropout_of, load_model, stored_dtype
 from rho1.progress import progress_bar
 from rho1.selection import (
     Selection,
@@ -34,7 +35,13 @@ from rho1.selection import (
     valid_mask,
 )
 from rho1.threads import set_threads
-from rho1.train.checkpoint import Checkpointer, check_run_folder, latest_checkpoint
+from rho1.train.checkpoint import (
+    Checkpointer,
+    check_run_folder,
+    check_same_recipe,
+    latest_checkpoint,
+    read_training_state,
+)
 from rho1.train.evaluator import Evaluator
 
 
@@ -62,8 +69,7 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def all_finite(accelerator: Accelerator, value: torch.Tensor) -> bool:
     """True when the value is finite on every process (they must agree, or DDP would wait forever)."""
-    bad = torch.tensor(0.0 if torch.isfinite(value).all() else 1.0, device=accelerator.device)
-    return float(accelerator.reduce(bad, "sum")) == 0.0
+    return everyone_agrees(accelerator, bool(torch.isfinite(value).all()))
 
 
 class MetricsLog:
@@ -75,9 +81,9 @@ class MetricsLog:
         if not is_main:
             return
         path = out / "metrics.jsonl"
-        if resume_step is not None:
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+        if resume_step is not None and path.is_file():  # a kill can cut the last record short: it goes too
+            records = read_jsonl(path, "restore it or start the run over", torn_tail=True)
+            path.write_text("".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= resume_step))
         self.file = open(path, "a" if resume_step is not None else "w")
 
     def write(self, record: dict) -> None:
@@ -107,6 +113,7 @@ class Run:
     checkpointer: Checkpointer
     log: MetricsLog
     resumed_from: Path | None = None
+    held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # the --out lock, released by fit
     step: int = 0
     tokens: int = 0
     next_eval: float = math.inf
@@ -141,7 +148,12 @@ class Run:
 
     def position(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "next_eval": self.next_eval, "next_save": self.next_save,
-                "objective": self.cfg.objective, "ratio": self.ratio}
+                "objective": self.cfg.objective, "ratio": self.ratio, "token_store_hash": self.store.hash,
+                "scores_hash": scores_hash(self.scores)}
+
+
+def scores_hash(scores: ScoreStore | None) -> str | None:
+    return None if scores is None else (scores.manifest.get("sha256") or {}).get("scores.bin")
 
 
 def _learner(cfg: TrainConfig, store: TokenStore, tokenizer):
@@ -151,8 +163,7 @@ def _learner(cfg: TrainConfig, store: TokenStore, tokenizer):
     else:
         model = build_model(cfg.model_preset, store.vocab_size, max(cfg.seq_len, 2048),
                             store.manifest["eos_token_id"], tokenizer.pad_token_id, seed=cfg.seed)
-    if cfg.seq_len > model.config.max_position_embeddings:
-        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's {model.config.max_position_embeddings} positions")
+    check_positions(model, cfg.seq_len, cfg.model or f"preset {cfg.model_preset}")
     return model
 
 
@@ -167,14 +178,32 @@ def _reference(cfg: TrainConfig, store: TokenStore, accelerator) -> tuple | None
 
 
 def setup(cfg: TrainConfig, progress: bool = True) -> Run:
-    """Check everything, then build the run: data, models, optimizer, evaluator, resumed position."""
+    """Check everything, then build the run: data, models, optimizer, evaluator, resumed position. The run
+    holds the lock of --out until ``fit`` ends."""
     cfg.check()
     if cfg.threads:
         set_threads(cfg.threads)  # leaves torch alone when it already uses that many
     out = Path(cfg.out)
-    resume_from = check_run_folder(out, cfg.resume)
+    check_writable(out)
+    check_not_inside(out, [("--data", cfg.data), ("--scores", cfg.scores), ("--model", cfg.model),
+                           ("--reference", cfg.reference), *(("--eval-data", p) for p in cfg.eval_data)])
     accelerator = make_accelerator(cfg.precision)
+    held = contextlib.ExitStack()
+    try:
+        hold_job_lock(held, accelerator, out, "rho1 train")
+        return _setup(cfg, accelerator, held, progress)
+    except BaseException:
+        held.close()
+        raise
+
+
+def _setup(cfg: TrainConfig, accelerator, held: contextlib.ExitStack, progress: bool) -> Run:
+    out = Path(cfg.out)
+    resume_from = check_run_folder(out, cfg.resume)
     store, scores = open_with_scores(cfg.data, cfg.scores, cfg.seq_len)
+    state = read_training_state(resume_from) if resume_from is not None else None
+    if state is not None:
+        check_same_recipe(out, cfg, state, store.hash, scores_hash(scores))
     tokenizer = store.tokenizer()
     model = _learner(cfg, store, tokenizer)
     reference = _reference(cfg, store, accelerator)
@@ -185,22 +214,48 @@ def setup(cfg: TrainConfig, progress: bool = True) -> Run:
     chunked = cfg.loss_impl == "auto" and chunked_head_supported(accelerator) and linear_head_of(unwrapped, store, cfg.seq_len)
     evaluator = Evaluator(cfg, accelerator, unwrapped if chunked else None, reference, resume_from is not None)
     run = Run(cfg, accelerator, store, scores, model, optimizer, WindowOrder(store.num_windows(cfg.seq_len), cfg.seed),
-              reference, bool(chunked), evaluator, Checkpointer(out, accelerator, tokenizer, cfg.keep_last),
-              MetricsLog(out, False, None), resume_from, next_eval=cfg.eval_every or math.inf,
+              reference, bool(chunked), evaluator,
+              Checkpointer(out, accelerator, tokenizer, cfg.keep_last, stored_dtype(cfg.model)),
+              MetricsLog(out, False, None), resume_from, held, next_eval=cfg.eval_every or math.inf,
               next_save=cfg.save_every or math.inf, parameters=sum(p.numel() for p in model.parameters()))
     if resume_from is not None:
-        state = run.checkpointer.resume(resume_from)
+        run.checkpointer.resume(resume_from)
         run.step, run.tokens, run.next_eval, run.next_save = (state[k] for k in ("step", "tokens", "next_eval",
                                                                                   "next_save"))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+        # the thread count in use, not None: numbers depend on it, and --threads N reproduces them
+        written = {**asdict(cfg), "threads": torch.get_num_threads()}
+        (out / "config.yaml").write_text(yaml.safe_dump(written, sort_keys=False))
         run.log = MetricsLog(out, True, run.step if resume_from is not None else None)
+        if progress:
+            print(start_line(run))
         if progress and resume_from is not None:
             print(f"train: resuming from {resume_from} (step {run.step}, {run.tokens:,} tokens)")
         elif progress and cfg.resume:
             print(f"train: no checkpoint in {out} to resume from; starting from the beginning")
     return run
+
+
+def start_line(run: Run) -> str:
+    """What the run will do, in its first line: steps and tokens (whole steps: a --max-tokens that is not a
+    multiple of a step's tokens is rounded up), the model, the loss path, the threads."""
+    cfg, total = run.cfg, run.total_steps * run.tokens_per_step
+    rounded = f"; --max-tokens {cfg.max_tokens:,} rounded up to whole steps" if total != cfg.max_tokens else ""
+    device = run.accelerator.device
+    where = f"{torch.get_num_threads()} CPU threads (--threads reproduces them)" if device.type == "cpu" else str(device)
+    weights = str(next(run.model.parameters()).dtype).removeprefix("torch.")
+    mixed = f" with {cfg.precision} autocast" if cfg.precision != "no" else ""
+    saved = str(run.checkpointer.dtype).removeprefix("torch.")
+    dropout = dropout_of(run.accelerator.unwrap_model(run.model))
+    line = (f"train {run.name}: {run.total_steps:,} steps of {run.tokens_per_step:,} tokens = {total:,} tokens"
+            f"{rounded}; {run.parameters / 1e6:.2f}M parameters in {weights}{mixed}, saved in {saved}; loss from "
+            f"{'the head input in chunks' if run.chunked_head else 'full logits'}; {where}")
+    if dropout:
+        line += (f"\ntrain: the model trains with dropout ({', '.join(f'{k} {v:g}' for k, v in dropout.items())}), so "
+                 "its losses, and which tokens are selected, vary from step to step; set them to 0 in its config.json "
+                 "for a deterministic selection")
+    return line
 
 
 def step_batches(run: Run, step: int) -> list:
@@ -272,6 +327,8 @@ class StepResult:
     stats: list[dict] = field(default_factory=list)  # per micro-batch
     labels: torch.Tensor | None = None  # label_sums over the step (this process), when the store has labels
     skipped: str | None = None  # why the weights were not updated
+    valid: float = 0.0  # tokens that could be selected in the step, all processes
+    score_range: tuple[float, float] | None = None  # lowest and highest score of those (this process)
 
 
 def scale_gradients(model, factor: float) -> None:
@@ -290,8 +347,9 @@ def train_step(run: Run, step: int) -> StepResult:
         group["lr"] = lr
     micro = step_batches(run, step)
     n_valid = sum(float(valid_mask(b.labels, b.ref_loss if run.selecting else None).sum()) for b in micro)
-    n_valid = acc.reduce(torch.tensor(n_valid, device=acc.device), "sum").clamp(min=1.0)  # a tensor, as always
-    result = StepResult(lr, torch.zeros((), device=acc.device))
+    n_valid = acc.reduce(torch.tensor(n_valid, device=acc.device), "sum")
+    result = StepResult(lr, torch.zeros((), device=acc.device), valid=float(n_valid))
+    n_valid = n_valid.clamp(min=1.0)  # a tensor, as always
     n_selected = torch.zeros((), device=acc.device)
     for m, batch in enumerate(micro):
         selection, stats = micro_step(run, batch, step, m)
@@ -303,6 +361,10 @@ def train_step(run: Run, step: int) -> StepResult:
         result.loss_sum += selection.loss_sum.detach()
         n_selected += selection.weights.sum() if selection.weights is not None else selection.mask.sum()
         result.stats.append(stats)
+        if selection.score_range is not None:
+            low, high = selection.score_range
+            result.score_range = (low, high) if result.score_range is None else (
+                min(low, result.score_range[0]), max(high, result.score_range[1]))
         if batch.label_ids is not None:
             valid = valid_mask(batch.labels, batch.ref_loss if run.selecting else None)
             sums = label_sums(batch, selection, valid, len(run.store.label_names))
@@ -388,14 +450,53 @@ def interrupted_message(run: Run) -> str:
     return where + f"the newest checkpoint is {newest}: rerun the same command with --resume to continue from it"
 
 
+EMPTY_STEPS = 10  # steps in a row without a selected token before a run stops: it is training on nothing
+
+
+class EmptySelection:
+    """Consecutive optimizer steps that selected no token, and what their scores looked like."""
+
+    def __init__(self):
+        self.steps, self.valid, self.low, self.high = 0, 0.0, math.inf, -math.inf
+
+    def add(self, result: StepResult) -> None:
+        if result.skipped or result.selected > 0:
+            self.__init__()
+            return
+        self.steps, self.valid = self.steps + 1, self.valid + result.valid
+        if result.score_range is not None:
+            self.low, self.high = min(self.low, result.score_range[0]), max(self.high, result.score_range[1])
+
+    def message(self, run: Run) -> str:
+        cfg = run.cfg
+        what = f"no token was selected in {self.steps} steps in a row (up to step {run.step})"
+        seen = f"scores seen from {self.low:.4g} to {self.high:.4g}" if self.low <= self.high else ""
+        if self.valid == 0:
+            why = ("no token has a finite reference loss (every score is NaN): rescore --data with `rho1 score`, or "
+                   "check that --scores was made from it")
+        elif not seen:
+            why = f"--score {cfg.score} gave no token a finite score (NaN or inf for every token)"
+        elif cfg.rule == "threshold":
+            why = f"--threshold {cfg.threshold:g} is above every score ({seen}); lower --threshold"
+        else:
+            why = f"--rule {cfg.rule} gave every token a weight of 0 ({seen})"
+        return f"{what}: {why}; the run stopped, since it was training on nothing"
+
+
 def fit(run: Run, progress: bool = True) -> dict:
-    """The optimizer steps from the run's position to the end, then the final evaluation and checkpoint."""
+    """The optimizer steps from the run's position to the end, then the final evaluation and checkpoint;
+    the lock of --out is released at the end, however it ends."""
+    with run.held:
+        return _fit(run, progress)
+
+
+def _fit(run: Run, progress: bool) -> dict:
     cfg, acc = run.cfg, run.accelerator
     start, first_tokens = time.time(), run.tokens
     last_eval = evaluate(run) if run.resumed_from is None else {}
     bar = progress_bar(total=run.total_steps * run.tokens_per_step, initial=run.tokens, desc=f"train {run.name}",
                        unit="tok", unit_scale=True, disable=not (progress and acc.is_main_process))
-    window = LogWindow(acc.device)
+    window, empty = LogWindow(acc.device), EmptySelection()
     try:
         for step in range(run.step, run.total_steps):
             stop_if_ctrl_c()
@@ -407,6 +508,9 @@ def fit(run: Run, progress: bool = True) -> dict:
                 window.add(result)
             run.step, run.tokens = step + 1, run.tokens + run.tokens_per_step
             bar.update(run.tokens_per_step)
+            empty.add(result)
+            if empty.steps >= min(EMPTY_STEPS, run.total_steps):
+                raise ValueError(empty.message(run))
             last = run.step == run.total_steps
             if run.step % cfg.log_every == 0 or last:
                 record = window.record(run, result.lr, (run.tokens - first_tokens) / (time.time() - start))
@@ -423,6 +527,7 @@ def fit(run: Run, progress: bool = True) -> dict:
         run.log.close()
         raise Interrupted(interrupted_message(run)) from None
     except BaseException:
+        bar.close()
         run.log.close()  # a kept traceback must not hold the run folder's file open
         raise
     bar.close()
@@ -437,6 +542,9 @@ def finish(run: Run, last_eval: dict, seconds: float, first_tokens: int, progres
     out = Path(run.cfg.out)
     summary = {"tokens": run.tokens, "steps": run.total_steps, "seconds": seconds,
                "tokens_per_second": (run.tokens - first_tokens) / seconds, "parameters": run.parameters,
+               "threads": torch.get_num_threads(), "dtype": str(next(run.model.parameters()).dtype).removeprefix("torch."),
+               "saved_dtype": str(run.checkpointer.dtype).removeprefix("torch."),
+               "dropout": dropout_of(run.accelerator.unwrap_model(run.model)),
                "loss_path": "chunked" if run.chunked_head else "logits", **last_eval}
     run.log.close()
     if run.accelerator.is_main_process:
@@ -445,7 +553,7 @@ def finish(run: Run, last_eval: dict, seconds: float, first_tokens: int, progres
             shown = ", ".join(f"{k.split('/', 1)[-1]} {v:.4f}" for k, v in last_eval.items()
                               if isinstance(v, float) and k.endswith("loss"))
             print(f"train {run.name}: {run.tokens:,} tokens in {seconds:.1f}s ({summary['tokens_per_second']:,.0f} "
-                  f"tokens/s, {run.parameters / 1e6:.2f}M parameters) -> {out / 'final'}" + (f"; {shown}" if shown else ""))
+                  f"tokens/s, {run.parameters / 1e6:.2f}M parameters, {summary['threads']} threads) -> {out / 'final'}" + (f"; {shown}" if shown else ""))
             if run.selecting and (note := reference_note(last_eval)):
                 print(note)
     run.accelerator.wait_for_everyone()

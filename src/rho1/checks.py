@@ -1,0 +1,51 @@
+"""The checks of options every stage shares (a ratio, a choice, a positive number...): a leaf module (the
+rule names are looked up only when a rule is checked), so the configs and the selection code both use it
+without importing each other."""
+
+from __future__ import annotations
+
+import math
+
+
+def check_ratio(ratio: float) -> float:
+    ratio = float(ratio)
+    if not (0.0 < ratio <= 1.0) or ratio != ratio:
+        raise ValueError(
+            f"selection ratio must be in (0, 1], got {ratio}; pass e.g. 0.6 to train on the top 60% of tokens"
+        )
+    return ratio
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def check_positive(cfg, *names: str, allow_zero: tuple[str, ...] = ()) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and (value < 0 or (value == 0 and name not in allow_zero)):
+            what = "0 or more" if name in allow_zero else "positive"
+            raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {value}")
+
+
+def check_seq_len(seq_len: int | None) -> None:
+    # a window of one token has nothing to predict: every loss would be a mean over zero tokens
+    if seq_len is not None and seq_len < 2:
+        raise ValueError(f"--seq-len must be at least 2 (a window of one token has no next token to predict), "
+                         f"got {seq_len}")
+
+
+def check_rule_options(rule: str, temperature: float, threshold: float) -> None:
+    check_choice("rule", rule, tuple(_rules()))
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"--temperature must be a positive number, got {temperature}; e.g. 0.25 (towards 0 the soft "
+                         "rule becomes topk)")
+    if not math.isfinite(threshold):
+        raise ValueError(f"--threshold must be a finite number of nats, got {threshold}")
+
+
+def _rules():
+    from rho1.selection.rules import RULES
+
+    return RULES
