@@ -10,9 +10,10 @@ from accelerate import Accelerator, DistributedType
 from accelerate.state import AcceleratorState, PartialState
 
 
-def make_accelerator(precision: str = "no") -> Accelerator:
+def make_accelerator(precision: str = "no", log_with: list[str] | None = None, logging_dir=None) -> Accelerator:
     """The Accelerator for this process. Launched by `accelerate launch` or `torchrun` on machines without
-    CUDA, accelerate only forms the process group (gloo) when told to use the CPU, so tell it then."""
+    CUDA, accelerate only forms the process group (gloo) when told to use the CPU, so tell it then.
+    ``log_with``: accelerate's experiment trackers, writing under ``logging_dir`` where they write files."""
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     state = AcceleratorState._shared_state
     if not several and state and state.get("_mixed_precision") not in (None, precision):
@@ -20,7 +21,13 @@ def make_accelerator(precision: str = "no") -> Accelerator:
         # keeps its state per process and would refuse the change
         AcceleratorState._reset_state()
     on_cpu = several and not torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu)
+    trackers = {}
+    if log_with:
+        from accelerate.utils import ProjectConfiguration
+
+        trackers = {"log_with": log_with, "project_config": ProjectConfiguration(project_dir=str(logging_dir),
+                                                                                  logging_dir=str(logging_dir))}
+    accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu, **trackers)
     if on_cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         # accelerate turns FSDP on for accelerator devices only, while torch's FSDP2 runs on CPU with gloo: a
         # plugin read from the same settings `accelerate launch` exported, so an FSDP config runs (and is

@@ -18,12 +18,15 @@ from rho1.selection.rules import RULES
 from rho1.selection.scores import SCORES
 
 PRECISIONS = ("no", "bf16", "fp16")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # accelerate's names, as transformers' --report-to
 MODEL_PRESETS = {  # nano for tests (seconds), tiny for the demo, small and medium for CPU benchmarks, large for a GPU
     "nano": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
     "tiny": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=384),
     "small": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512),
     "medium": dict(hidden_size=320, num_hidden_layers=6, num_attention_heads=5, intermediate_size=896),  # ~9M
     "large": dict(hidden_size=640, num_hidden_layers=10, num_attention_heads=10, intermediate_size=1728),  # ~55M
+    "xl": dict(hidden_size=1280, num_hidden_layers=24, num_attention_heads=20, intermediate_size=3456),  # ~0.48B
 }
 
 
@@ -160,10 +163,27 @@ class TrainConfig:
                          "memory, no head backward for unselected tokens); logits: full logits",
                          choices=("auto", "logits"))
     threads: int | None = opt(None, "CPU threads for torch (default: the cores idle at start)")
+    gradient_checkpointing: bool = opt(False, "recompute each decoder layer's activations in the backward "
+                                       "(non-reentrant): far less activation memory for about a third more compute")
+    attn_implementation: str | None = opt(None, "attention kernel: sdpa, eager or flash_attention_2 (default: "
+                                          "sdpa where the model supports it, else eager)", choices=ATTENTION)
+    torch_compile: bool = opt(False, "compile each decoder layer with torch.compile (the selective loss stays eager)")
+    report_to: list[str] = opt(factory=lambda: ["none"], help="experiment trackers the metrics also go to: "
+                               "tensorboard, wandb, mlflow, trackio, all (those installed) or none",
+                               choices=TRACKERS + ("all", "none"))
+    peak_flops: float | None = opt(None, "peak FLOP/s of one device for MFU (default: the known bf16/fp32 peak of "
+                                   "A100/H100/H200; on a CPU, measured once)")
 
     def check(self) -> None:
         if not self.data:
             raise ValueError("rho1 train needs --data TOKEN_STORE (made by `rho1 prepare`)")
+        check_choice("attn_implementation", self.attn_implementation, (None, *ATTENTION))
+        for name in self.report_to:
+            check_choice("report_to", name, TRACKERS + ("all", "none"))
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise ValueError("--report-to none cannot be combined with a tracker; pass one or the other")
+        if self.peak_flops is not None and not (self.peak_flops > 0 and math.isfinite(self.peak_flops)):
+            raise ValueError(f"--peak-flops must be a positive number of FLOP/s (e.g. 989e12), got {self.peak_flops}")
         check_choice("objective", self.objective, ("clm", "slm"))
         check_ratio(self.ratio)
         check_choice("score", self.score, tuple(SCORES))

@@ -105,15 +105,33 @@ def _export(cfg: ExportConfig, out: Path, progress: bool) -> dict:
     store, scores = open_with_scores(cfg.data, cfg.scores, cfg.seq_len, "export")
     model = load_model(cfg.model, cfg.trust_remote_code, dtype=compute_dtype(cfg.precision))
     check_model_fits(model, store, cfg.model)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device).eval()
-    head_of = linear_head_of(model, store, cfg.seq_len)
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     with_weights = cfg.weights or not get_rule(cfg.rule).hard
-    n_windows = store.num_windows(cfg.seq_len)
-    order = WindowOrder(n_windows, cfg.seed).take(0, n_windows)  # one epoch, in rho1 train's order
     partial.mkdir(parents=True)
     (partial / MARKER).write_text("")  # first in, last out: a .partial without it is not ours
     (partial / "parquet").mkdir()
+    try:
+        shards, totals = _write_shards(cfg, store, scores, model, partial, with_weights, progress)
+    except KeyboardInterrupt:
+        raise Interrupted(f"export interrupted; nothing was written to {out}: run the same command again") from None
+    _write_dataset(partial, shards, progress)
+    manifest = _manifest(cfg, store, scores, model, shards, totals, with_weights)
+    (partial / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    os.replace(partial, out)
+    (out / MARKER).unlink()
+    if progress:
+        print(f"export: {manifest['windows']:,} windows, {manifest['frac_selected']:.1%} of {totals['valid']:,} tokens "
+              f"kept ({cfg.rule}) -> {out}/parquet ({len(shards)} shards), {out}/dataset")
+    return manifest
+
+
+def _write_shards(cfg: ExportConfig, store, scores, model, partial: Path, with_weights: bool, progress: bool):
+    """Every window in `rho1 train`'s order, ranked a group of --batch-size windows at a time, into Parquet
+    shards of about --shard-windows windows; returns the shards' names and the token counts."""
+    device = next(model.parameters()).device
+    head_of = linear_head_of(model, store, cfg.seq_len)
+    n_windows = store.num_windows(cfg.seq_len)
+    order = WindowOrder(n_windows, cfg.seed).take(0, n_windows)  # one epoch, in rho1 train's order
     shards, writer, in_shard = [], None, 0
     totals = {"valid": 0, "selected": 0, "weight": 0.0}
     bar = progress_bar(total=n_windows * cfg.seq_len, desc="export", unit="tok", unit_scale=True, disable=not progress)
@@ -141,13 +159,16 @@ def _export(cfg: ExportConfig, out: Path, progress: bool) -> dict:
             bar.update(len(ids) * cfg.seq_len)
         if writer is not None:
             writer.close()
-    except KeyboardInterrupt:
-        raise Interrupted(f"export interrupted; nothing was written to {out}: run the same command again") from None
     finally:
         bar.close()
+    return shards, totals
+
+
+def _write_dataset(partial: Path, shards: list[str], progress: bool) -> None:
+    """The shards as a `datasets` folder (load_from_disk); datasets' own cache stays inside the partial folder."""
     import datasets
 
-    cache = partial / "cache"  # datasets' own copy of the shards stays inside --out's partial folder
+    cache = partial / "cache"
     bars = datasets.is_progress_bar_enabled()
     if not progress:
         datasets.disable_progress_bars()
@@ -158,13 +179,17 @@ def _export(cfg: ExportConfig, out: Path, progress: bool) -> dict:
         if bars:
             datasets.enable_progress_bars()
     shutil.rmtree(cache, ignore_errors=True)
-    manifest = {
+
+
+def _manifest(cfg: ExportConfig, store, scores, model, shards: list[str], totals: dict, with_weights: bool) -> dict:
+    return {
         "format": EXPORT_FORMAT, "token_store": str(store.path.resolve()), "token_store_hash": store.hash,
         "tokenizer_hash": store.tokenizer_hash, "scores": str(Path(cfg.scores).resolve()) if cfg.scores else None,
         "scores_sha256": scores.manifest.get("sha256") if scores is not None else None,
         "model": {"name": cfg.model, "hash": model_hash(cfg.model, model)},
         "rule": cfg.rule, "score": cfg.score, "ratio": cfg.ratio, "rule_options": cfg.rule_options,
-        "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "seed": cfg.seed, "windows": n_windows,
+        "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "seed": cfg.seed,
+        "windows": store.num_windows(cfg.seq_len),
         "shards": shards, "columns": ["input_ids", "labels", *(["weights"] if with_weights else [])],
         "valid_tokens": totals["valid"], "tokens_with_a_label": totals["selected"],
         "frac_selected": totals["weight"] / max(totals["valid"], 1),
@@ -173,10 +198,3 @@ def _export(cfg: ExportConfig, out: Path, progress: bool) -> dict:
                 + ("; a soft rule gives almost every token some weight, so use the weights column (a trainer that "
                    "ignores it trains on nearly every token)" if not get_rule(cfg.rule).hard else ""),
     }
-    (partial / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    os.replace(partial, out)
-    (out / MARKER).unlink()
-    if progress:
-        print(f"export: {n_windows:,} windows, {manifest['frac_selected']:.1%} of {totals['valid']:,} tokens kept "
-              f"({cfg.rule}) -> {out}/parquet ({len(shards)} shards), {out}/dataset")
-    return manifest

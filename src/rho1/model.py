@@ -13,8 +13,9 @@ from rho1.config import MODEL_PRESETS
 
 
 def build_model(preset: str, vocab_size: int, max_positions: int, eos_token_id: int, pad_token_id: int | None = None,
-                seed: int = 0) -> LlamaForCausalLM:
-    """A freshly initialised Llama of a preset size with tied embeddings."""
+                seed: int = 0, attn_implementation: str | None = None) -> LlamaForCausalLM:
+    """A freshly initialised Llama of a preset size with tied embeddings (``attn_implementation``: sdpa,
+    eager or flash_attention_2; None: transformers' default, sdpa)."""
     if preset not in MODEL_PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
     config = LlamaConfig(
@@ -26,6 +27,7 @@ def build_model(preset: str, vocab_size: int, max_positions: int, eos_token_id: 
         pad_token_id=pad_token_id,
         rms_norm_eps=1e-5,
         **MODEL_PRESETS[preset],
+        **({"attn_implementation": attn_implementation} if attn_implementation else {}),
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -33,14 +35,17 @@ def build_model(preset: str, vocab_size: int, max_positions: int, eos_token_id: 
     return model
 
 
-def load_model(name_or_path: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None):
-    """Any Hugging Face causal LM by local path or hub name, from safetensors weights only."""
+def load_model(name_or_path: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None,
+               attn_implementation: str | None = None):
+    """Any Hugging Face causal LM by local path or hub name, from safetensors weights only (``attn_implementation``:
+    None for transformers' default, sdpa where the model supports it)."""
     from rho1.pretrained import locate
 
     name = locate(name_or_path, "model")
+    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype or torch.float32
+            name, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype or torch.float32, **attention
         )
     except OSError as err:
         if "safetensors" in str(err).lower():

@@ -58,7 +58,8 @@ def check_run_folder(out: Path, resume: bool) -> Path | None:
 
 # options a resumed run may change: they decide how a run is watched and kept, not what it computes
 CHANGEABLE_ON_RESUME = ("threads", "log_every", "eval_every", "eval_max_windows", "save_every", "keep_last", "resume",
-                        "skip_nonfinite", "out")
+                        "skip_nonfinite", "out", "gradient_checkpointing", "torch_compile", "attn_implementation",
+                        "report_to", "peak_flops")
 PATH_OPTIONS = ("data", "scores", "reference", "model", "eval_data", "eval_scores")
 
 

@@ -43,6 +43,8 @@ from rho1.train.checkpoint import (
     read_training_state,
 )
 from rho1.train.evaluator import Evaluator
+from rho1.train.throughput import flops_per_token, mfu, peak_flops
+from rho1.train.trackers import numbers, tracker_config, trackers
 
 
 def selection_seed(cfg: TrainConfig, step: int, micro: int, rank: int, global_scope: bool = False) -> int:
@@ -60,11 +62,12 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model, cfg: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW, weight decay on matrices only; ``fused`` (on CUDA) updates every parameter in one kernel."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, **({"fused": True} if fused else {}))
 
 
 def all_finite(accelerator: Accelerator, value: torch.Tensor) -> bool:
@@ -73,11 +76,11 @@ def all_finite(accelerator: Accelerator, value: torch.Tensor) -> bool:
 
 
 class MetricsLog:
-    """The run's metrics.jsonl, written by the main process only. A resumed run first drops what the
-    killed run logged after its checkpoint."""
+    """The run's metrics.jsonl, written by the main process only, and the experiment trackers (--report-to)
+    when there are any. A resumed run first drops what the killed run logged after its checkpoint."""
 
-    def __init__(self, out: Path, is_main: bool, resume_step: int | None):
-        self.file = None
+    def __init__(self, out: Path, is_main: bool, resume_step: int | None, accelerator=None):
+        self.file, self.accelerator = None, accelerator
         if not is_main:
             return
         path = out / "metrics.jsonl"
@@ -90,6 +93,8 @@ class MetricsLog:
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+            if self.accelerator is not None and self.accelerator.trackers:
+                self.accelerator.log(numbers(record), step=record["step"])
 
     def close(self) -> None:
         if self.file is not None:
@@ -113,12 +118,15 @@ class Run:
     checkpointer: Checkpointer
     log: MetricsLog
     resumed_from: Path | None = None
+    train_seconds: float = 0.0  # wall time of this process's optimizer steps
     held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # the --out lock, released by fit
     step: int = 0
     tokens: int = 0
     next_eval: float = math.inf
     next_save: float = math.inf
     parameters: int = 0
+    flops_per_token: float = 0.0  # training FLOPs of one token (rho1.train.throughput)
+    peak: tuple = (None, "")  # peak FLOP/s of one device and where that number comes from
 
     @property
     def ratio(self) -> float:
@@ -157,14 +165,51 @@ def scores_hash(scores: ScoreStore | None) -> str | None:
 
 
 def _learner(cfg: TrainConfig, store: TokenStore, tokenizer):
+    check_attention(cfg.attn_implementation)
     if cfg.model:
-        model = load_model(cfg.model, cfg.trust_remote_code)
+        model = load_model(cfg.model, cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
         check_model_fits(model, store, cfg.model)
     else:
         model = build_model(cfg.model_preset, store.vocab_size, max(cfg.seq_len, 2048),
-                            store.manifest["eos_token_id"], tokenizer.pad_token_id, seed=cfg.seed)
+                            store.manifest["eos_token_id"], tokenizer.pad_token_id, seed=cfg.seed,
+                            attn_implementation=cfg.attn_implementation)
     check_positions(model, cfg.seq_len, cfg.model or f"preset {cfg.model_preset}")
+    if cfg.gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; drop "
+                             "--gradient-checkpointing")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.torch_compile:
+        compile_layers(model)
     return model
+
+
+def check_attention(name: str | None) -> None:
+    """flash_attention_2 needs its package and a CUDA GPU: one sentence before a model is loaded."""
+    if name != "flash_attention_2":
+        return
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        raise ValueError("--attn-implementation flash_attention_2 needs a CUDA GPU; use sdpa (the default) here")
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ValueError("--attn-implementation flash_attention_2 needs the flash-attn package (pip install "
+                         "flash-attn --no-build-isolation); or use sdpa (the default)")
+
+
+def compile_layers(model) -> int:
+    """torch.compile each decoder layer in place (as torchtune and torchtitan do): the layers are where the time
+    goes, the weights keep their names, and the selective loss, which replaces the head's forward for a call,
+    stays eager. Returns the number of layers compiled."""
+    kinds = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in kinds]
+    if not layers:
+        raise ValueError(f"--torch-compile compiles decoder layers, and {type(model).__name__} names none "
+                         "(_no_split_modules); drop --torch-compile")
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def _reference(cfg: TrainConfig, store: TokenStore, accelerator) -> tuple | None:
@@ -187,7 +232,8 @@ def setup(cfg: TrainConfig, progress: bool = True) -> Run:
     check_writable(out)
     check_not_inside(out, [("--data", cfg.data), ("--scores", cfg.scores), ("--model", cfg.model),
                            ("--reference", cfg.reference), *(("--eval-data", p) for p in cfg.eval_data)])
-    accelerator = make_accelerator(cfg.precision)
+    report_to = trackers(cfg.report_to)
+    accelerator = make_accelerator(cfg.precision, report_to, out / "trackers")
     held = contextlib.ExitStack()
     try:
         hold_job_lock(held, accelerator, out, "rho1 train")
@@ -208,7 +254,7 @@ def _setup(cfg: TrainConfig, accelerator, held: contextlib.ExitStack, progress: 
     model = _learner(cfg, store, tokenizer)
     reference = _reference(cfg, store, accelerator)
     torch.manual_seed(cfg.seed)
-    model, optimizer = accelerator.prepare(model, make_optimizer(model, cfg))
+    model, optimizer = accelerator.prepare(model, make_optimizer(model, cfg, accelerator.device.type == "cuda"))
     model.train()
     unwrapped = accelerator.unwrap_model(model)
     chunked = cfg.loss_impl == "auto" and chunked_head_supported(accelerator) and linear_head_of(unwrapped, store, cfg.seq_len)
@@ -218,6 +264,8 @@ def _setup(cfg: TrainConfig, accelerator, held: contextlib.ExitStack, progress: 
               Checkpointer(out, accelerator, tokenizer, cfg.keep_last, stored_dtype(cfg.model)),
               MetricsLog(out, False, None), resume_from, held, next_eval=cfg.eval_every or math.inf,
               next_save=cfg.save_every or math.inf, parameters=sum(p.numel() for p in model.parameters()))
+    run.flops_per_token = flops_per_token(unwrapped, cfg.seq_len)
+    run.peak = peak_flops(accelerator.device, cfg.precision, cfg.peak_flops)
     if resume_from is not None:
         run.checkpointer.resume(resume_from)
         run.step, run.tokens, run.next_eval, run.next_save = (state[k] for k in ("step", "tokens", "next_eval",
@@ -227,7 +275,9 @@ def _setup(cfg: TrainConfig, accelerator, held: contextlib.ExitStack, progress: 
         # the thread count in use, not None: numbers depend on it, and --threads N reproduces them
         written = {**asdict(cfg), "threads": torch.get_num_threads()}
         (out / "config.yaml").write_text(yaml.safe_dump(written, sort_keys=False))
-        run.log = MetricsLog(out, True, run.step if resume_from is not None else None)
+        run.log = MetricsLog(out, True, run.step if resume_from is not None else None, accelerator)
+        if accelerator.log_with:
+            accelerator.init_trackers(out.name, config=tracker_config(written))
         if progress:
             print(start_line(run))
         if progress and resume_from is not None:
@@ -394,8 +444,10 @@ class LogWindow:
 
     def reset(self) -> None:
         self.loss_sum, self.selected, self.values, self.labels = torch.zeros((), device=self.device), 0.0, {}, None
+        self.steps, self.seconds = 0, 0.0  # optimizer steps and their wall time (evaluations and saves left out)
 
-    def add(self, result: StepResult) -> None:
+    def add(self, result: StepResult, seconds: float = 0.0) -> None:
+        self.steps, self.seconds = self.steps + 1, self.seconds + seconds
         self.loss_sum, self.selected = self.loss_sum + result.loss_sum, self.selected + result.selected
         for stats in result.stats:
             for key, value in stats.items():
@@ -407,9 +459,12 @@ class LogWindow:
 
     def record(self, run: Run, lr: float, tokens_per_second: float) -> dict:
         loss_sum = float(run.accelerator.reduce(self.loss_sum, "sum"))  # every process logs together
+        per_process = self.steps * run.tokens_per_step / run.accelerator.num_processes / max(self.seconds, 1e-9)
         record = {"kind": "train", "step": run.step, "tokens": run.tokens,
                   "loss": loss_sum / self.selected if self.selected else float("nan"), "selected": int(self.selected),
-                  "lr": lr, "grad_norm": None, "tokens_per_second": tokens_per_second}
+                  "lr": lr, "grad_norm": None, "tokens_per_second": tokens_per_second,
+                  "tokens_per_second_per_process": per_process,
+                  "mfu": mfu(per_process, run.flops_per_token, run.peak[0]) if self.steps else None}
         for key, values in self.values.items():
             finite = [v for v in values if v == v]
             record[key] = sum(finite) / len(finite) if finite else float("nan")
@@ -487,7 +542,11 @@ def fit(run: Run, progress: bool = True) -> dict:
     """The optimizer steps from the run's position to the end, then the final evaluation and checkpoint;
     the lock of --out is released at the end, however it ends."""
     with run.held:
-        return _fit(run, progress)
+        try:
+            return _fit(run, progress)
+        finally:
+            if run.accelerator.trackers:
+                run.accelerator.end_training()
 
 
 def _fit(run: Run, progress: bool) -> dict:
@@ -497,15 +556,19 @@ def _fit(run: Run, progress: bool) -> dict:
     bar = progress_bar(total=run.total_steps * run.tokens_per_step, initial=run.tokens, desc=f"train {run.name}",
                        unit="tok", unit_scale=True, disable=not (progress and acc.is_main_process))
     window, empty = LogWindow(acc.device), EmptySelection()
+    run.train_seconds = 0.0
     try:
         for step in range(run.step, run.total_steps):
             stop_if_ctrl_c()
+            began = time.perf_counter()
             result = train_step(run, step)
             run.optimizer.zero_grad(set_to_none=True)
+            seconds = time.perf_counter() - began
+            run.train_seconds += seconds
             if result.skipped:
                 skip_or_stop(run, result.skipped, progress)
             else:
-                window.add(result)
+                window.add(result, seconds)
             run.step, run.tokens = step + 1, run.tokens + run.tokens_per_step
             bar.update(run.tokens_per_step)
             empty.add(result)
@@ -515,7 +578,10 @@ def _fit(run: Run, progress: bool) -> dict:
             if run.step % cfg.log_every == 0 or last:
                 record = window.record(run, result.lr, (run.tokens - first_tokens) / (time.time() - start))
                 run.log.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+                shown = {"loss": f"{record['loss']:.3f}"}
+                if record["mfu"] is not None:
+                    shown["mfu"] = f"{record['mfu']:.1%}"
+                bar.set_postfix(shown, refresh=False)
             if run.tokens >= run.next_eval and not last:
                 last_eval = evaluate(run)
                 run.next_eval += cfg.eval_every
@@ -540,8 +606,15 @@ def _fit(run: Run, progress: bool) -> dict:
 def finish(run: Run, last_eval: dict, seconds: float, first_tokens: int, progress: bool) -> dict:
     """summary.json and the closing line."""
     out = Path(run.cfg.out)
+    per_process = (run.tokens - first_tokens) / run.accelerator.num_processes / max(run.train_seconds, 1e-9)
     summary = {"tokens": run.tokens, "steps": run.total_steps, "seconds": seconds,
                "tokens_per_second": (run.tokens - first_tokens) / seconds, "parameters": run.parameters,
+               "processes": run.accelerator.num_processes, "tokens_per_second_per_process": per_process,
+               "mfu": mfu(per_process, run.flops_per_token, run.peak[0]), "peak_flops": run.peak[0],
+               "peak_flops_from": run.peak[1], "flops_per_token": run.flops_per_token,
+               "attn_implementation": getattr(run.accelerator.unwrap_model(run.model).config, "_attn_implementation",
+                                              None),
+               "gradient_checkpointing": run.cfg.gradient_checkpointing, "torch_compile": run.cfg.torch_compile,
                "threads": torch.get_num_threads(), "dtype": str(next(run.model.parameters()).dtype).removeprefix("torch."),
                "saved_dtype": str(run.checkpointer.dtype).removeprefix("torch."),
                "dropout": dropout_of(run.accelerator.unwrap_model(run.model)),
@@ -552,8 +625,9 @@ def finish(run: Run, last_eval: dict, seconds: float, first_tokens: int, progres
         if progress:
             shown = ", ".join(f"{k.split('/', 1)[-1]} {v:.4f}" for k, v in last_eval.items()
                               if isinstance(v, float) and k.endswith("loss"))
+            util = f", MFU {summary['mfu']:.1%}" if summary["mfu"] is not None else ""
             print(f"train {run.name}: {run.tokens:,} tokens in {seconds:.1f}s ({summary['tokens_per_second']:,.0f} "
-                  f"tokens/s, {run.parameters / 1e6:.2f}M parameters, {summary['threads']} threads) -> {out / 'final'}" + (f"; {shown}" if shown else ""))
+                  f"tokens/s{util}, {run.parameters / 1e6:.2f}M parameters, {summary['threads']} threads) -> {out / 'final'}" + (f"; {shown}" if shown else ""))
             if run.selecting and (note := reference_note(last_eval)):
                 print(note)
     run.accelerator.wait_for_everyone()
