@@ -22,6 +22,7 @@ are the direct path's (to float16 rounding of the stored scores).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -94,11 +95,11 @@ class CrossTokenizerReference:
         self.model, self.tokenizer = model, tokenizer
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("--cross-tokenizer needs a fast (Rust) reference tokenizer, for its character offsets")
-        self.learner_bytes = token_bytes(learner_tokenizer)
+        self.learner = ByteTable(token_bytes(learner_tokenizer))
         try:  # the reference's own token bytes give exact spans; character offsets are the fallback
-            self.ref_bytes = token_bytes(tokenizer)
+            self.ref = ByteTable(token_bytes(tokenizer))
         except ValueError:
-            self.ref_bytes = None
+            self.ref = None
         from rho1.data.tokenizer import tokenizer_hash
 
         self.learner_eos = learner_tokenizer.eos_token_id
@@ -142,50 +143,68 @@ class CrossTokenizerReference:
         self.model.requires_grad_(flag)
         return self
 
-    def _window(self, ids: list[int]) -> tuple[list[int], list, list]:
-        """Reference ids of one learner window, and for each reference id what it covers: ("eos", j) for a
-        learner EOS at position j, or (run, byte_start, byte_end) inside a run of normal learner tokens."""
-        ref_ids = [self.bos] if self.bos is not None else []
-        cover: list = [None] * len(ref_ids)
-        runs = []  # (first learner position, byte offsets of each learner token, drop_head, usable byte length)
-        j = 0
-        while j < len(ids):
-            if self.learner_bytes[ids[j]] is None:  # EOS (or another special token): the reference's EOS
-                ref_ids.append(self.eos)
-                cover.append(("eos", j))
-                j += 1
-                continue
-            start = j
-            while j < len(ids) and self.learner_bytes[ids[j]] is not None:
-                j += 1
-            pieces = [self.learner_bytes[t] for t in ids[start:j]]
-            data = b"".join(pieces)
-            head, tail = _complete_utf8(data)
-            text = data[head : len(data) - tail].decode("utf-8")
-            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            run = len(runs)
-            runs.append((start, np.cumsum([0] + [len(p) for p in pieces]), head, len(data) - tail))
-            prev = head
-            for rid, end in zip(enc["input_ids"], self._ends(text, enc)):
-                ref_ids.append(rid)
-                cover.append((run, prev, max(head + end, prev)))
-                prev = max(head + end, prev)
-        return ref_ids, cover, runs
+    def _windows(self, rows: np.ndarray) -> list[Plan]:
+        """The reference ids of each row of learner ids and what each covers (``Plan``); the text of every run
+        of normal tokens of the whole batch goes through the reference tokenizer in one call."""
+        pieces = []  # (row, position of the run's first token, its last + 1, head, usable, text)
+        for b, row in enumerate(rows):
+            special = self.learner.special[row]
+            starts = np.flatnonzero(~special & np.concatenate([[True], special[:-1]]))
+            stops = np.flatnonzero(~special & np.concatenate([special[1:], [True]])) + 1
+            for first, stop in zip(starts, stops):
+                data = self.learner.join(row[first:stop])[0]
+                head, tail = _complete_utf8(data)
+                pieces.append((b, int(first), int(stop), head, len(data) - tail,
+                               data[head : len(data) - tail].decode("utf-8")))
+        enc = self.tokenizer([x[-1] for x in pieces], add_special_tokens=False, return_offsets_mapping=True) \
+            if pieces else {"input_ids": [], "offset_mapping": []}
+        by_row: list[list] = [[] for _ in rows]
+        for piece, ids, offsets in zip(pieces, enc["input_ids"], enc["offset_mapping"]):
+            by_row[piece[0]].append((*piece[1:], np.asarray(ids, dtype=np.int64), offsets))
+        return [self._plan(row, runs) for row, runs in zip(rows, by_row)]
 
-    def _ends(self, text: str, enc) -> list[int]:
+    def _plan(self, row: np.ndarray, runs: list) -> Plan:
+        lengths = self.learner.lengths[row]
+        tok_end = np.cumsum(lengths)
+        parts = []  # columns of reference tokens: id, kind, start, end, floor, run (see Plan)
+
+        def alone(token_id: int, kind: int) -> None:  # a BOS, or the reference's EOS for a learner special token
+            parts.append([np.array([v]) for v in (token_id, kind, 0, 0, 0, -1)])
+
+        if self.bos is not None:
+            alone(self.bos, -2)
+        at, plan_runs = 0, []
+        for r, (first, stop, head, usable, text, ids, offsets) in enumerate(runs):
+            for j in range(at, first):
+                alone(self.eos, j)
+            base = int(tok_end[first] - lengths[first])
+            ends = np.maximum.accumulate(np.maximum(head + self._ends(text, ids, offsets), head))
+            starts = np.concatenate([[head], ends[:-1]])[: len(ends)]
+            n = len(ids)
+            parts.append([ids, np.full(n, -1), base + starts, base + ends, np.full(n, base + head), np.full(n, r)])
+            plan_runs.append((first, np.concatenate([[0], np.cumsum(lengths[first:stop])]), head, usable))
+            at = stop
+        for j in range(at, len(row)):
+            alone(self.eos, j)
+        cols = [np.concatenate([p[i] for p in parts]).astype(np.int64) if parts else np.zeros(0, np.int64)
+                for i in range(6)]
+        return Plan(*cols, tok_end - lengths, tok_end, self.learner.special[row], plan_runs)
+
+    def _ends(self, text: str, ids: np.ndarray, offsets) -> np.ndarray:
         """The byte offset in ``text`` where each reference token ends: from the tokens' own bytes when they
         spell the text (a leading space SentencePiece adds is dropped), else from character offsets (the
         tokens that split one character then all end at its end)."""
         data = text.encode("utf-8")
-        if self.ref_bytes is not None:
-            pieces = [self.ref_bytes[i] if i < len(self.ref_bytes) else None for i in enc["input_ids"]]
-            if all(p is not None for p in pieces):
-                joined = b"".join(pieces)
-                shift = len(joined) - len(data)
-                if joined == data or (shift == 1 and joined[:1] == b" " and joined[1:] == data):
-                    return [max(int(e) - shift, 0) for e in np.cumsum([len(p) for p in pieces])]
-        char_end = np.cumsum([len(c.encode("utf-8")) for c in text], dtype=np.int64)
-        return [int(char_end[c_end - 1]) if c_end > 0 else 0 for _, c_end in enc["offset_mapping"]]
+        if self.ref is not None and (len(ids) == 0 or ids.max() < len(self.ref.special)) and \
+                not self.ref.special[ids].any():
+            joined, ends = self.ref.join(ids)
+            shift = len(joined) - len(data)
+            if joined == data or (shift == 1 and joined[:1] == b" " and joined[1:] == data):
+                return np.maximum(ends - shift, 0)
+        points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        char_end = np.cumsum(1 + (points >= 0x80) + (points >= 0x800) + (points >= 0x10000))
+        c_end = np.array([e for _, e in offsets], dtype=np.int64)
+        return np.where(c_end > 0, char_end[np.maximum(c_end - 1, 0)] if len(char_end) else 0, 0)
 
     @torch.no_grad()
     def losses(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -194,14 +213,14 @@ class CrossTokenizerReference:
         from rho1.head import batch_token_losses, head_is_linear
 
         device = next(self.model.parameters()).device
-        windows = [self._window(row.tolist()) for row in input_ids.cpu()]
+        plans = self._windows(input_ids.cpu().numpy())
         # each row right-padded, longer ones cut to their last max_length ids (the cut part gets no loss)
-        cut = [max(0, len(w[0]) - self.max_length) for w in windows]
-        width = max(1, *(len(w[0]) - c for w, c in zip(windows, cut)))
-        batch = torch.full((len(windows), width), self.eos, dtype=torch.long)
-        labels = torch.full((len(windows), width), IGNORE_INDEX, dtype=torch.long)
-        for b, ((ref_ids, _, _), c) in enumerate(zip(windows, cut)):
-            row = torch.tensor(ref_ids[c:], dtype=torch.long)
+        cut = [max(0, len(p.ref_ids) - self.max_length) for p in plans]
+        width = max(1, *(len(p.ref_ids) - c for p, c in zip(plans, cut)))
+        batch = torch.full((len(plans), width), self.eos, dtype=torch.long)
+        labels = torch.full((len(plans), width), IGNORE_INDEX, dtype=torch.long)
+        for b, (plan, c) in enumerate(zip(plans, cut)):
+            row = torch.from_numpy(plan.ref_ids[c:].copy())
             if c and self.bos is not None:  # a cut row starts with the BOS too (in place of its first kept id)
                 row[0] = self.bos
             batch[b, : len(row)] = row
@@ -211,44 +230,81 @@ class CrossTokenizerReference:
         if self._linear_head is None:  # chunked losses, never the [tokens x vocab] logits, when the head allows
             self._linear_head = head_is_linear(self.model, batch[:1, :32])
         ref_loss = batch_token_losses(self.model, batch, labels.to(device),
-                                      head_of=self.model if self._linear_head else None).double().cpu()
-        out = torch.full(input_ids.shape, float("nan"), dtype=torch.float64)
-        for b, ((ref_ids, cover, runs), c) in enumerate(zip(windows, cut)):
-            losses = [float("nan")] * len(ref_ids)  # losses[k]: of reference token k, given the ones before it
-            for k in range(c + 1, len(ref_ids)):
-                losses[k] = float(ref_loss[b, k - 1 - c])
-            out[b] = torch.from_numpy(_project(losses, cover, runs, input_ids.shape[1]))
-        out[:, 0] = float("nan")  # the window's first token has no prediction (as in the direct path)
-        return torch.cat([out[:, 1:], torch.full((out.shape[0], 1), float("nan"), dtype=out.dtype)], 1).float()
+                                      head_of=self.model if self._linear_head else None).double().cpu().numpy()
+        out = np.full(input_ids.shape, np.nan)
+        for b, (plan, c) in enumerate(zip(plans, cut)):
+            losses = np.full(len(plan.ref_ids), np.nan)  # losses[k]: of reference token k, given the ones before it
+            losses[c + 1 :] = ref_loss[b, : len(plan.ref_ids) - 1 - c]
+            out[b] = _project(losses, plan, input_ids.shape[1])
+        out[:, 0] = np.nan  # the window's first token has no prediction (as in the direct path)
+        shifted = np.concatenate([out[:, 1:], np.full((out.shape[0], 1), np.nan)], 1)
+        return torch.from_numpy(shifted).float()
 
 
-def _project(losses: list[float], cover: list, runs: list, length: int) -> np.ndarray:
+class ByteTable:
+    """Every token's bytes in one array (special tokens: none), to join the bytes of many tokens at once."""
+
+    def __init__(self, pieces: list[bytes | None]):
+        lengths = np.array([-1 if p is None else len(p) for p in pieces], dtype=np.int64)
+        self.special = lengths < 0
+        self.lengths = np.maximum(lengths, 0)
+        self.starts = np.cumsum(self.lengths) - self.lengths
+        self.flat = np.frombuffer(b"".join(p or b"" for p in pieces), dtype=np.uint8)
+
+    def join(self, ids: np.ndarray) -> tuple[bytes, np.ndarray]:
+        """The bytes of ``ids`` one after another, and where each token's bytes end."""
+        lengths = self.lengths[ids]
+        ends = np.cumsum(lengths)
+        index = np.repeat(self.starts[ids] - (ends - lengths), lengths) + np.arange(int(ends[-1]) if len(ends) else 0)
+        return self.flat[index].tobytes(), ends
+
+
+@dataclass
+class Plan:
+    """One learner window as the reference reads it. Per reference token ``k``: ``ref_ids[k]``; ``kind[k]``
+    -2 for a BOS, -1 for a token of a run of normal learner tokens, else the position of the learner EOS it
+    stands for; the bytes ``[start[k], end[k])`` it covers (window byte offsets, the window's normal tokens'
+    bytes one after another), ``floor[k]`` the first usable byte of its run; ``run_of[k]`` its run (-1 for a
+    BOS or an EOS). Per learner token ``t``: its bytes ``[tok_start[t], tok_end[t])`` and ``special[t]``.
+    ``runs``: (first position, byte offsets of its tokens within the run, head, usable length)."""
+
+    ref_ids: np.ndarray
+    kind: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    floor: np.ndarray
+    run_of: np.ndarray
+    tok_start: np.ndarray
+    tok_end: np.ndarray
+    special: np.ndarray
+    runs: list
+
+
+def _project(losses: np.ndarray, plan: Plan, length: int) -> np.ndarray:
     """Per learner token (positions 0..length-1): the sum of the reference losses spread over its bytes, NaN
     when one of its bytes has no reference loss (not covered, or covered by a token without one)."""
     out = np.full(length, np.nan)
-    byte_loss = [np.zeros(int(r[1][-1])) for r in runs]
-    covered = [np.zeros(int(r[1][-1]), dtype=bool) for r in runs]
-    blocked = [np.zeros(int(r[1][-1]), dtype=bool) for r in runs]
-    for loss, what in zip(losses, cover):
-        if what is None:
-            continue
-        if what[0] == "eos":
-            out[what[1]] = loss
-            continue
-        run, start, end = what
-        head = runs[run][2]
-        if end == start:  # no byte of its own: onto the last byte before it
-            start, end = max(end - 1, head), max(end, head + 1)
-        if np.isnan(loss):
-            blocked[run][start:end] = True
-        else:
-            byte_loss[run][start:end] += loss / (end - start)
-            covered[run][start:end] = True
-    for r, (first, offsets, _, _) in enumerate(runs):
-        for i in range(len(offsets) - 1):
-            a, b = int(offsets[i]), int(offsets[i + 1])
-            if b > a and covered[r][a:b].all() and not blocked[r][a:b].any():
-                out[first + i] = byte_loss[r][a:b].sum()
+    eos = plan.kind >= 0
+    out[plan.kind[eos]] = losses[eos]
+    normal = plan.kind == -1
+    start, end, floor, loss = plan.start[normal], plan.end[normal], plan.floor[normal], losses[normal]
+    empty = end == start  # no byte of its own: onto the last byte before it
+    start, end = np.where(empty, np.maximum(end - 1, floor), start), np.where(empty, np.maximum(end, floor + 1), end)
+    total = int(plan.tok_end[-1]) if length else 0
+    spans = end - start
+    token = np.repeat(np.arange(len(spans)), spans)
+    byte = np.repeat(start - (np.cumsum(spans) - spans), spans) + np.arange(int(spans.sum()))
+    finite = np.isfinite(loss)[token]
+    byte_loss = np.bincount(byte[finite], (loss / np.maximum(spans, 1))[token][finite], minlength=total)
+    covered = np.bincount(byte[finite], minlength=total)
+    blocked = np.bincount(byte[~finite], minlength=total)
+    mine = ~plan.special & (plan.tok_end > plan.tok_start)
+    a, b = plan.tok_start[mine], plan.tok_end[mine]
+    if len(a):  # the normal tokens' bytes tile [0, total): one sum per token, in byte order
+        sums = np.add.reduceat(byte_loss, a)
+        n_covered, n_blocked = (np.add.reduceat((x > 0).astype(np.int64), a) for x in (covered, blocked))
+        whole = (n_covered == b - a) & (n_blocked == 0)
+        out[np.flatnonzero(mine)[whole]] = sums[whole]
     return out
 
 

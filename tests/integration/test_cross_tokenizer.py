@@ -11,7 +11,7 @@ import torch
 from conftest import MATH_TEMPLATE, SEQ_LEN
 from transformers import PreTrainedTokenizerFast
 
-from rho1.align import CrossTokenizerReference, _project, token_bytes
+from rho1.align import CrossTokenizerReference, Plan, _project, token_bytes
 from rho1.data.loader import make_batch
 from rho1.data.prepare import PrepareConfig, prepare
 from rho1.data.store import ScoreStore
@@ -84,7 +84,8 @@ def test_projection_preserves_each_documents_sum_and_handles_multibyte_character
         batch = make_batch(unicode_store, [window], SEQ_LEN)
         ids = batch.input_ids[0].tolist()
         projected = ref.losses(batch.input_ids)[0].double()  # projected[t] = loss of learner token t + 1
-        ref_ids, cover, runs = ref._window(ids)
+        (plan,) = ref._windows(batch.input_ids.numpy())
+        ref_ids, runs = plan.ref_ids.tolist(), plan.runs
         with torch.no_grad():
             logits = ref.model(input_ids=torch.tensor([ref_ids])).logits[0, :-1]
         raw = torch.nn.functional.cross_entropy(logits.double(), torch.tensor(ref_ids[1:]), reduction="none")
@@ -94,7 +95,7 @@ def test_projection_preserves_each_documents_sum_and_handles_multibyte_character
                 continue
             n = len(offsets) - 1
             got = projected[first - 1 : first - 1 + n]
-            ref_k = [k for k, c in enumerate(cover) if c is not None and c[0] == r]
+            ref_k = np.flatnonzero(plan.run_of == r).tolist()
             want = sum(float(raw[k - 1]) for k in ref_k)
             if usable == offsets[-1] and head == 0:
                 assert torch.isfinite(got).all()
@@ -106,22 +107,31 @@ def test_projection_preserves_each_documents_sum_and_handles_multibyte_character
                 except UnicodeDecodeError:
                     split_chars += 1
         # the learner's EOS takes the reference's EOS loss at that place
-        for k, c in enumerate(cover):
-            if c is not None and c[0] == "eos" and c[1] > 0:
-                assert float(projected[c[1] - 1]) == pytest.approx(float(raw[k - 1]), rel=1e-6)
+        for k, position in enumerate(plan.kind):
+            if position > 0:  # a learner EOS (after the window's first token)
+                assert float(projected[position - 1]) == pytest.approx(float(raw[k - 1]), rel=1e-6)
     assert split_chars > 0 and checked >= 3  # documents checked; characters split over byte tokens among them
+
+
+def _plan(spans: list, tokens: list) -> Plan:
+    """A window by hand: reference spans (None for a BOS) over one run of learner tokens of ``tokens`` bytes."""
+    kind = np.array([-2 if x is None else -1 for x in spans])
+    start, end = (np.array([0 if x is None else x[i] for x in spans]) for i in (0, 1))
+    tok_end = np.cumsum(tokens)
+    return Plan(np.zeros(len(spans), np.int64), kind, start, end, np.zeros(len(spans), np.int64),
+                np.where(kind == -1, 0, -1), tok_end - np.array(tokens), tok_end, np.zeros(len(tokens), bool),
+                [(0, np.concatenate([[0], tok_end]), 0, int(tok_end[-1]))])
 
 
 def test_project_spreads_each_reference_token_over_its_bytes():
     # learner tokens "ab" "c" "de", reference tokens "a" "bcd" "e" with losses 1, 3, 2 (the first has a BOS before it)
-    runs = [(0, np.array([0, 2, 3, 5]), 0, 5)]
-    cover = [None, (0, 0, 1), (0, 1, 4), (0, 4, 5)]
-    out = _project([float("nan"), 1.0, 3.0, 2.0], cover, runs, 3)
+    plan = _plan([None, (0, 1), (1, 4), (4, 5)], [2, 1, 2])
+    out = _project(np.array([np.nan, 1.0, 3.0, 2.0]), plan, 3)
     np.testing.assert_allclose(out, [1.0 + 1.0, 1.0, 1.0 + 2.0])
     assert out.sum() == pytest.approx(6.0)
     # a reference token without a loss blocks the learner tokens it touches; an empty span goes to the byte before
-    out = _project([float("nan"), float("nan"), 3.0, 2.0, 4.0], [None, (0, 0, 1), (0, 1, 4), (0, 4, 5), (0, 5, 5)],
-                   runs, 3)
+    out = _project(np.array([np.nan, np.nan, 3.0, 2.0, 4.0]), _plan([None, (0, 1), (1, 4), (4, 5), (5, 5)], [2, 1, 2]),
+                   3)
     assert np.isnan(out[0]) and out[1] == pytest.approx(1.0) and out[2] == pytest.approx(1.0 + 2.0 + 4.0)
 
 
@@ -155,7 +165,7 @@ def test_a_reference_shorter_than_the_window_scores_the_end_of_each_row(unicode_
     full = CrossTokenizerReference(model, tok, learner_tok)
     short = CrossTokenizerReference(model, tok, learner_tok, max_length=24)
     batch = make_batch(unicode_store, [0, 1, 2], SEQ_LEN)
-    lengths = [len(full._window(row.tolist())[0]) for row in batch.input_ids]
+    lengths = [len(plan.ref_ids) for plan in full._windows(batch.input_ids.numpy())]
     assert max(lengths) > 24 and len(set(lengths)) > 1  # rows of different lengths, all cut
     cut = short.losses(batch.input_ids)
     for b in range(len(lengths)):

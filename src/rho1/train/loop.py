@@ -43,7 +43,7 @@ from rho1.train.checkpoint import (
     read_training_state,
 )
 from rho1.train.evaluator import Evaluator
-from rho1.train.throughput import flops_per_token, mfu, peak_flops
+from rho1.train.throughput import flops_per_token, mfu, peak_flops, peak_memory_mib
 from rho1.train.trackers import numbers, tracker_config, trackers
 
 
@@ -615,6 +615,7 @@ def finish(run: Run, last_eval: dict, seconds: float, first_tokens: int, progres
                "attn_implementation": getattr(run.accelerator.unwrap_model(run.model).config, "_attn_implementation",
                                               None),
                "gradient_checkpointing": run.cfg.gradient_checkpointing, "torch_compile": run.cfg.torch_compile,
+               **peak_memory_mib(run.accelerator.device),
                "threads": torch.get_num_threads(), "dtype": str(next(run.model.parameters()).dtype).removeprefix("torch."),
                "saved_dtype": str(run.checkpointer.dtype).removeprefix("torch."),
                "dropout": dropout_of(run.accelerator.unwrap_model(run.model)),
