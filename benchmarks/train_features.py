@@ -1,5 +1,6 @@
 """What the GPU-run options cost or save on this machine, side by side: MFU of the presets (CLM and SLM), and
---torch-compile and --gradient-checkpointing on against off, each run a fresh `rho1 train` process (so its own
+--torch-compile, --gradient-checkpointing and --precision bf16 (autocast, float32 master weights) on against
+off, each run a fresh `rho1 train` process (so its own
 peak resident memory is measured), the variants interleaved.
 
     .venv/bin/python benchmarks/train_features.py [--steps 30] [--repeats 2] [--threads 2]
@@ -62,7 +63,8 @@ def main() -> None:
     variants = {f"{preset} {kind}": (preset, scores if kind == "SLM" else None, ())
                 for preset in presets for kind in ("CLM", "SLM")}
     variants |= {"tiny SLM --torch-compile": ("tiny", scores, ("--torch-compile",)),
-                 "tiny SLM --gradient-checkpointing": ("tiny", scores, ("--gradient-checkpointing",))}
+                 "tiny SLM --gradient-checkpointing": ("tiny", scores, ("--gradient-checkpointing",)),
+                 "tiny SLM --precision bf16": ("tiny", scores, ("--precision", "bf16"))}
     results: dict[str, list[dict]] = {name: [] for name in variants}
     for repeat in range(args.repeats):
         for name, (preset, with_scores, extra) in variants.items():
@@ -76,7 +78,7 @@ def main() -> None:
         print(f"| {name} | {r['parameters'] / 1e6:.2f}M | {r['tokens_per_second']:,.0f} | {r['mfu']:.1%} | "
               f"{r['rss_mib']:,.0f} |")
     base = summary["tiny SLM"]
-    for option in ("--torch-compile", "--gradient-checkpointing"):
+    for option in ("--torch-compile", "--gradient-checkpointing", "--precision bf16"):
         other = summary[f"tiny SLM {option}"]
         print(f"{option} / off at tiny: tokens/s {other['tokens_per_second'] / base['tokens_per_second']:.2f}x, "
               f"peak RSS {other['rss_mib'] / base['rss_mib']:.2f}x")

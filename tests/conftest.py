@@ -3,7 +3,9 @@ tests/data/README.md), tokenized once per session, and a tiny reference model tr
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -78,6 +80,20 @@ def corpus_scores(stores, reference_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("scores") / "corpus"
     return score(ScoreConfig(str(stores["corpus"].path), str(reference_model), str(out), SEQ_LEN, batch_size=16),
                  progress=False)
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str):
+    """A real full disk: a tmpfs of ``size`` mounted at ``path`` (needs root, as on this project's machines
+    and CI; the test is skipped elsewhere)."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, SEQ_LEN, read_metrics
+from conftest import ROOT, SEQ_LEN, read_metrics, small_disk
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -276,15 +276,9 @@ def test_nan_loss_stops_with_one_sentence_or_skips_under_the_flag(stores, tmp_pa
 
 
 def test_disk_full_while_checkpointing_leaves_the_previous_checkpoint_intact(stores, tmp_path):
-    """A real full disk: a small tmpfs (needs root to mount, as on this project's machines and CI)."""
     from rho1.train import TrainConfig, read_training_state, train
 
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1100k", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with small_disk(tmp_path / "disk", "1100k") as disk:
         cfg = TrainConfig(data=str(stores["reference"].path), out=str(disk / "run"), model_preset="nano",
                           seq_len=SEQ_LEN, batch_size=4, max_tokens=4096, save_every=1024, keep_last=10)
         with pytest.raises(OSError, match=r"could not write checkpoint .*/2048 .*the previous checkpoint .*/1024 is "
@@ -293,5 +287,3 @@ def test_disk_full_while_checkpointing_leaves_the_previous_checkpoint_intact(sto
         state = read_training_state(disk / "run" / "checkpoints" / "1024")  # hashes verified
         assert state["tokens"] == 1024
         assert not (disk / "run" / "checkpoints" / "2048").exists()
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)

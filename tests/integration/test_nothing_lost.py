@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import SEQ_LEN
+from conftest import SEQ_LEN, small_disk
 
 from rho1.cli import main
 from rho1.data.store import ScoreStore, TokenStore, sha256_file
@@ -234,14 +234,7 @@ def test_readers_name_the_file_and_line_they_cannot_parse(stores, tmp_path, caps
 # ---- 6. a full disk while scoring is one sentence, not a bus error ----
 
 def test_full_disk_while_scoring_is_one_sentence(stores, reference_model, tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root (as on this project's machines and CI)")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with small_disk(tmp_path / "disk", "64k") as disk:
         assert stores["corpus"].n_tokens * 2 > 64 * 1024  # the scores cannot fit
         result = subprocess.run([sys.executable, "-m", "rho1", "score", "--data", str(stores["corpus"].path),
                                  "--model", str(reference_model), "--seq-len", str(SEQ_LEN), "--out",
@@ -250,8 +243,6 @@ def test_full_disk_while_scoring_is_one_sentence(stores, reference_model, tmp_pa
         lines = [x for x in result.stderr.strip().splitlines() if not x.startswith("score")]
         assert len(lines) == 1 and "no space left on device" in lines[0] and "free some space" in lines[0], lines
         assert not (disk / "scores" / "scores.bin").exists()
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
 
 
 # ---- 7. score functions are held to their contract ----
