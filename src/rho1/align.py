@@ -234,7 +234,8 @@ class CrossTokenizerReference:
         out = np.full(input_ids.shape, np.nan)
         for b, (plan, c) in enumerate(zip(plans, cut)):
             losses = np.full(len(plan.ref_ids), np.nan)  # losses[k]: of reference token k, given the ones before it
-            losses[c + 1 :] = ref_loss[b, : len(plan.ref_ids) - 1 - c]
+            if len(plan.ref_ids) - 1 - c > 0:  # (a row the reference reads as no token at all has none)
+                losses[c + 1 :] = ref_loss[b, : len(plan.ref_ids) - 1 - c]
             out[b] = _project(losses, plan, input_ids.shape[1])
         out[:, 0] = np.nan  # the window's first token has no prediction (as in the direct path)
         shifted = np.concatenate([out[:, 1:], np.full((out.shape[0], 1), np.nan)], 1)

@@ -21,7 +21,7 @@ except ImportError:  # Windows: no flock, no lock (rho1's tests and clusters are
 
 
 def lock_path(out: str | Path) -> Path:
-    out = Path(out).absolute()
+    out = Path(out).resolve()  # one lock for every spelling of the folder, links included
     return out.with_name(f".{out.name}.rho1-lock")
 
 
@@ -41,9 +41,14 @@ def write_lock(out: str | Path, what: str = "rho1", enabled: bool = True):
         yield
         return
     path = lock_path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise ValueError(f"cannot take the write lock of {out}: {path} cannot be created "
+                             f"({(err.strerror or str(err)).lower()}); choose an --out in a folder you can write "
+                             "to") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -58,9 +63,10 @@ def write_lock(out: str | Path, what: str = "rho1", enabled: bool = True):
             break
         os.close(fd)
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{what}, pid {os.getpid()} on {socket.gethostname()}, since "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        with contextlib.suppress(OSError):  # who holds it, for the message of the next writer (a full disk: not)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{what}, pid {os.getpid()} on {socket.gethostname()}, since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
         yield
     finally:
         with contextlib.suppress(OSError):

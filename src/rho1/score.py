@@ -50,7 +50,8 @@ def _check_same_job(out: Path, identity: dict) -> None:
     check_writable(out)
     if not (out / "manifest.json").is_file():
         # what another process may be creating right now is ours; anything else is someone's
-        if out.is_dir() and any(p.name not in ("progress", "scores.bin", "manifest.json.tmp") for p in out.iterdir()):
+        if out.is_dir() and any(p.name not in ("progress", "scores.bin", "manifest.json", "manifest.json.tmp")
+                                for p in out.iterdir()):
             raise ValueError(f"--out {out} is a folder that holds other files; choose a new or empty folder")
         return
     manifest = read_manifest(out, "ScoreStore", SCORE_FORMAT)
@@ -197,6 +198,11 @@ def _score(cfg: ScoreConfig, store: TokenStore, accelerator, progress: bool) -> 
         _create(out, identity, store.n_tokens)
     accelerator.wait_for_everyone()
     done = _done_chunks(out, job, spans)
+    if accelerator.is_main_process and len(done) < n_chunks:  # chunks will be rewritten: not complete meanwhile
+        manifest = read_manifest(out, "ScoreStore", SCORE_FORMAT)
+        if manifest.get("complete"):
+            write_json_atomic(out / "manifest.json", {"format": SCORE_FORMAT, "complete": False, **identity})
+    accelerator.wait_for_everyone()
     mine = [c for c in range(accelerator.process_index, n_chunks, accelerator.num_processes) if c not in done]
     start = time.time()
     _score_chunks(cfg, store, model, accelerator, mine, job, spans, progress)

@@ -349,9 +349,9 @@ def test_online_reference_is_loaded_in_the_compute_dtype(stores, reference_model
     dtypes = []
     real = rho1.train.loop.load_model
 
-    def recording(name, trust_remote_code=False, dtype=None):
+    def recording(name, trust_remote_code=False, dtype=None, **options):
         dtypes.append(dtype)
-        return real(name, trust_remote_code, dtype)
+        return real(name, trust_remote_code, dtype, **options)
 
     monkeypatch.setattr(rho1.train.loop, "load_model", recording)
     monkeypatch.setattr(rho1.model, "load_model", recording)  # rho1.align.load_reference loads the reference

@@ -234,3 +234,20 @@ def test_selective_trainer_with_a_reference_tokenizer_sees_the_scored_losses(sto
     torch.testing.assert_close(in_loop[torch.isfinite(in_loop)], stored[torch.isfinite(stored)], atol=1e-2, rtol=1e-3)
     trainer.train()
     assert np.isfinite(trainer.selection_stats["ref_loss_selected"])
+
+
+def test_a_row_the_reference_reads_as_no_token_has_no_losses(stores, reference_model):
+    from rho1.data.tokenizer import load_tokenizer
+    from rho1.model import load_model
+
+    tok = stores["corpus"].tokenizer()
+    ref = CrossTokenizerReference(load_model(str(reference_model)), load_tokenizer(reference_model), tok)
+    assert ref.bos is None  # the same tokenizer: no BOS, so nothing stands before an empty row
+    table = token_bytes(tok)
+    lone = next(i for i, b in enumerate(table) if b is not None and len(b) == 1 and (b[0] & 0xC0) == 0x80)
+    batch = make_batch(stores["corpus"], [0, 1], SEQ_LEN).input_ids[:, :8]
+    batch[0, :3] = lone  # the end of a character cut by the window's edge, then the next window's tokens
+    batch[0, 3:] = lone
+    batch = batch[:, :3]  # a row of that end only: no whole character, no text, no reference token
+    losses = ref.losses(batch)
+    assert torch.isnan(losses[0]).all() and torch.isfinite(losses[1, :1]).all()

@@ -23,3 +23,19 @@ def test_a_note_when_the_model_ends_better_than_the_reference_on_the_target():
     assert note is not None and "heldout" in note and "0.2500 nats" in note
     assert reference_note({"eval/heldout/target_excess_loss": 0.4}) is None
     assert reference_note({"eval/heldout/target_loss": 3.1}) is None  # no reference losses: nothing to say
+
+
+def test_resume_with_another_number_of_processes_is_refused(tmp_path):
+    import pytest
+
+    from rho1.config import TrainConfig
+    from rho1.train.checkpoint import check_same_recipe
+
+    cfg = TrainConfig(data="store", out=str(tmp_path))
+    (tmp_path / "config.yaml").write_text("ratio: 0.6\n")
+    check_same_recipe(tmp_path, cfg, {"tokens_per_step": 4096}, "h", None, 4096)
+    with pytest.raises(ValueError, match=r"the tokens per step \(4,096 -> 8,192: another number of processes"):
+        check_same_recipe(tmp_path, cfg, {"tokens_per_step": 4096}, "h", None, 8192)
+    # the options of a rule the run does not use may change (topk reads neither)
+    (tmp_path / "config.yaml").write_text("threshold: 0.5\ntemperature: 0.1\n")
+    check_same_recipe(tmp_path, cfg, {}, "h", None, 4096)

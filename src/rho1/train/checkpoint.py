@@ -73,7 +73,8 @@ def _as_written(name: str, value):
     return value
 
 
-def check_same_recipe(out: Path, cfg, state: dict, store_hash: str, scores_hash: str | None) -> None:
+def check_same_recipe(out: Path, cfg, state: dict, store_hash: str, scores_hash: str | None,
+                      tokens_per_step: int | None = None) -> None:
     """A resumed run must be the run that was started: every option that changes what it computes (and the
     data, by content) as written in RUN/config.yaml and the checkpoint, or one sentence naming each change."""
     import yaml
@@ -84,14 +85,18 @@ def check_same_recipe(out: Path, cfg, state: dict, store_hash: str, scores_hash:
     except yaml.YAMLError:
         raise ValueError(f"{path} is not valid YAML (edited by hand?); restore it to resume the run") from None
     changes = []
+    unused = {"temperature": cfg.rule != "soft", "threshold": cfg.rule != "threshold"}  # options of other rules
     for name, value in vars(cfg).items():
-        if not isinstance(old, dict) or name in CHANGEABLE_ON_RESUME or name not in old:
+        if not isinstance(old, dict) or name in CHANGEABLE_ON_RESUME or name not in old or unused.get(name):
             continue
         before, now = _as_written(name, old[name]), _as_written(name, value)
         if before != now:
             changes.append(f"--{name.replace('_', '-')} {old[name]!r} -> {value!r}")
     if state.get("token_store_hash") not in (None, store_hash):
         changes.append(f"the TokenStore's content (hash {state['token_store_hash']} -> {store_hash}: rebuilt since)")
+    if state.get("tokens_per_step") not in (None, tokens_per_step):
+        changes.append(f"the tokens per step ({state['tokens_per_step']:,} -> {tokens_per_step:,}: another number of "
+                       "processes; resume with the process count the run started with)")
     if state.get("scores_hash") not in (None, scores_hash):
         changes.append("the ScoreStore's content (rescored since)")
     if not changes:

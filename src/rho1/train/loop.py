@@ -157,6 +157,7 @@ class Run:
     def position(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "next_eval": self.next_eval, "next_save": self.next_save,
                 "objective": self.cfg.objective, "ratio": self.ratio, "token_store_hash": self.store.hash,
+                "tokens_per_step": self.tokens_per_step,
                 "scores_hash": scores_hash(self.scores)}
 
 
@@ -249,7 +250,8 @@ def _setup(cfg: TrainConfig, accelerator, held: contextlib.ExitStack, progress: 
     store, scores = open_with_scores(cfg.data, cfg.scores, cfg.seq_len)
     state = read_training_state(resume_from) if resume_from is not None else None
     if state is not None:
-        check_same_recipe(out, cfg, state, store.hash, scores_hash(scores))
+        check_same_recipe(out, cfg, state, store.hash, scores_hash(scores),
+                          cfg.batch_size * cfg.grad_accum * accelerator.num_processes * cfg.seq_len)
     tokenizer = store.tokenizer()
     model = _learner(cfg, store, tokenizer)
     reference = _reference(cfg, store, accelerator)
@@ -545,8 +547,8 @@ def fit(run: Run, progress: bool = True) -> dict:
         try:
             return _fit(run, progress)
         finally:
-            if run.accelerator.trackers:
-                run.accelerator.end_training()
+            for tracker in run.accelerator.trackers:  # not end_training(): that also ends the process group
+                tracker.finish()
 
 
 def _fit(run: Run, progress: bool) -> dict:
@@ -563,6 +565,8 @@ def _fit(run: Run, progress: bool) -> dict:
             began = time.perf_counter()
             result = train_step(run, step)
             run.optimizer.zero_grad(set_to_none=True)
+            if acc.device.type == "cuda":  # the optimizer step is queued: count its time in this step's
+                torch.cuda.synchronize(acc.device)
             seconds = time.perf_counter() - began
             run.train_seconds += seconds
             if result.skipped:
