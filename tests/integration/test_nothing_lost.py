@@ -337,3 +337,13 @@ def test_the_run_says_its_steps_tokens_and_threads(stores, tmp_path, capsys):
     assert "1 CPU threads" in printed and "1 threads)" in printed
     assert yaml.safe_load((out / "config.yaml").read_text())["threads"] == 1
     assert json.loads((out / "summary.json").read_text())["threads"] == 1
+
+
+def test_resume_of_a_finished_run_without_checkpoints_replaces_nothing(stores, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_run_args(stores, out, "--save-every", "0")) == 0
+    final = tree(out / "final")
+    capsys.readouterr()
+    assert main(_run_args(stores, out, "--save-every", "0", "--resume", "--lr", "0.01")) == 2
+    one_sentence(capsys, "holds a finished run with no resumable checkpoint", f"--model {out / 'final'}")
+    assert tree(out / "final") == final

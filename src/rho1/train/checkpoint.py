@@ -47,7 +47,12 @@ def check_run_folder(out: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from (None: start), after refusing an --out that would mix two runs."""
     check_writable(out)
     if resume:
-        return latest_checkpoint(out)
+        latest = latest_checkpoint(out)
+        if latest is None and (out / "final").exists():  # starting over would replace a finished run's model
+            raise ValueError(f"{out} holds a finished run with no resumable checkpoint (it was trained without "
+                             "--save-every), so there is nothing to resume; start a new run in another --out (with "
+                             f"--model {out / 'final'} to continue training its model)")
+        return latest
     if (out / "final").exists() or checkpoints(out):
         raise ValueError(f"{out} already holds a training run; pass --resume to continue it, or another --out "
                          "(or delete it) to start over")
