@@ -20,6 +20,9 @@ from rho1.selection.scores import SCORES
 PRECISIONS = ("no", "bf16", "fp16")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # accelerate's names, as transformers' --report-to
+TRAIN_ON = ("all", "target")
+TRAIN_ON_HELP = ("all: every token; target: only the tokens of --target-field or of the assistant turns (--chat-field), "
+                 "the store's target_mask (the prompt is never trained on or selected)")
 MODEL_PRESETS = {  # nano for tests (seconds), tiny for the demo, small and medium for CPU benchmarks, large for a GPU
     "nano": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
     "tiny": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=384),
@@ -81,6 +84,8 @@ class PrepareConfig:
     template: str | None = opt(None, 'format records, e.g. "Question: {question}\\nAnswer: {answer}" (a written '
                                "\\n or \\t is a newline or a tab)")
     target_field: str | None = opt(None, "template field whose tokens count for target-domain metrics")
+    chat_field: str | None = opt(None, "jsonl/parquet field holding a conversation (a list of {role, content}), "
+                                 "rendered with the tokenizer's chat template; the assistant turns are the target")
     label_field: str | None = opt(None, "record field naming each document's source (e.g. source); training then "
                                  "logs the share of each source's tokens selected. Text files: their file name")
     split: str = opt("train", "split read from Hugging Face datasets")
@@ -95,6 +100,12 @@ class PrepareConfig:
         if (self.tokenizer is None) == (self.train_tokenizer is None):
             raise ValueError("pass exactly one of --tokenizer NAME_OR_PATH or --train-tokenizer VOCAB_SIZE")
         check_positive(self, "batch_docs", "workers")
+        if self.chat_field and (self.template or self.text_field or self.target_field):
+            raise ValueError("--chat-field renders each record's conversation with the chat template; drop "
+                             "--template, --text-field and --target-field (the assistant turns are the target)")
+        if self.chat_field and self.train_tokenizer is not None:
+            raise ValueError("--chat-field needs the chat template of an existing tokenizer; pass --tokenizer "
+                             "NAME_OR_PATH instead of --train-tokenizer")
 
 
 @dataclass
@@ -106,6 +117,8 @@ class ScoreConfig:
     batch_size: int = opt(32, "windows per forward")
     precision: str = opt("no", "compute dtype of the model and its loss", choices=PRECISIONS)
     chunk_windows: int = opt(256, "windows per unit of work (split across processes, resumed after a kill)")
+    train_on: str = opt("all", "all: score every token; target: only the target tokens (NaN elsewhere, so they are "
+                        "never selected)", choices=TRAIN_ON)
     cross_tokenizer: bool = opt(False, "the reference has another tokenizer: score the text of each window with it "
                                 "and project its losses onto the store's tokens through byte offsets")
     trust_remote_code: bool = opt(False, "run a model's own code from the hub")
@@ -117,6 +130,7 @@ class ScoreConfig:
         check_seq_len(self.seq_len)
         check_positive(self, "seq_len", "batch_size", "chunk_windows", "threads")
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("train_on", self.train_on, TRAIN_ON)
 
 
 @dataclass
@@ -125,11 +139,21 @@ class TrainConfig:
     out: str = opt("runs/train", "run folder", short="-o")
     objective: str = opt("clm", "clm: every token; slm: the selected tokens", choices=("clm", "slm"))
     scores: str | None = opt(None, "ScoreStore of --data (from `rho1 score`); with clm, logs what slm would keep")
-    reference: str | None = opt(None, "instead of --scores: a reference model run in the loop")
+    reference: str | None = opt(None, "instead of --scores: a reference model run in the loop, or self: the "
+                                "learner's own starting weights (see --reference-ema, --reference-update)")
+    reference_ema: float | None = opt(None, "with --reference self: the reference is a moving average of the "
+                                      "learner's weights, ref = DECAY * ref + (1 - DECAY) * learner after each step",
+                                      metavar="DECAY")
+    reference_update: int = opt(0, "with --reference self: every N steps the reference becomes a copy of the learner "
+                                "(a self-evolving reference; 0: never)", metavar="N")
+    train_on: str = opt("all", TRAIN_ON_HELP, choices=TRAIN_ON)
+    selection: str | None = opt(None, "train (clm) on the labels of an export of `rho1 export` of --data: a static "
+                                "selection under rho1's own loop", metavar="EXPORT")
     cross_tokenizer: bool = opt(False, "--reference has another tokenizer: project its losses onto the store's tokens")
     ratio: float = opt(0.6, "fraction of tokens slm keeps, in (0, 1]")
-    score: str = opt("excess", "selection score (excess = learner loss - reference loss; the others are ablations "
-                     "or your own, see rho1.register_score)", choices=_scores)
+    score: str | None = opt(None, "selection score (default excess = learner loss - reference loss; with --reference "
+                            "self, retrospective = reference loss - learner loss, as ssToken; the others are "
+                            "ablations or your own, see rho1.register_score)", choices=_scores)
     selection_scope: str = opt("micro", "rank each process's micro-batch (micro) or the same micro-batch of every "
                                "process at once (global)", choices=("micro", "global"))
     rule: str = opt("topk", "how scores become token weights: topk (the paper's), soft, threshold, or your own "
@@ -186,6 +210,10 @@ class TrainConfig:
             raise ValueError(f"--peak-flops must be a positive number of FLOP/s (e.g. 989e12), got {self.peak_flops}")
         check_choice("objective", self.objective, ("clm", "slm"))
         check_ratio(self.ratio)
+        check_choice("train_on", self.train_on, TRAIN_ON)
+        self._check_self_reference()
+        if self.score is None:  # resolved once, so RUN/config.yaml names the score used
+            self.score = "retrospective" if self.reference == "self" else "excess"
         check_choice("score", self.score, tuple(SCORES))
         check_choice("selection_scope", self.selection_scope, ("micro", "global"))
         check_rule_options(self.rule, self.temperature, self.threshold)
@@ -215,6 +243,27 @@ class TrainConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
 
+        if self.selection and self.objective != "clm":
+            raise ValueError("--selection trains on the labels an export kept, with the clm objective; drop "
+                             "--objective slm (the export already is the selection)")
+        if self.selection and (self.scores or self.reference):
+            raise ValueError("--selection is a static selection made by `rho1 export`; drop --scores and --reference")
+
+    def _check_self_reference(self) -> None:
+        if self.reference != "self":
+            if self.reference_ema is not None or self.reference_update:
+                raise ValueError("--reference-ema and --reference-update apply to --reference self; pass it or drop "
+                                 "them")
+            return
+        if self.cross_tokenizer:
+            raise ValueError("--reference self is the learner itself, with its own tokenizer; drop --cross-tokenizer")
+        if self.reference_ema is not None and not 0 < self.reference_ema < 1:
+            raise ValueError(f"--reference-ema must be a decay in (0, 1), e.g. 0.99, got {self.reference_ema}")
+        if self.reference_ema is not None and self.reference_update:
+            raise ValueError("pass one of --reference-ema DECAY (a moving average) and --reference-update N (a copy "
+                             "every N steps), not both")
+        check_positive(self, "reference_update", allow_zero=("reference_update",))
+
     @property
     def rule_options(self) -> dict:
         return {"temperature": self.temperature, "threshold": self.threshold}
@@ -235,6 +284,10 @@ class ExportConfig:
     weights: bool = opt(False, "also write a 'weights' column (always written for a soft rule)")
     seq_len: int | None = opt(None, "window length (default: the ScoreStore's, else 256)")
     batch_size: int = opt(16, "windows ranked together, as one micro-batch of `rho1 train --batch-size`")
+    selection_scope: str = opt("group", "group: rank each group of --batch-size windows (as `rho1 train` ranks a "
+                               "micro-batch); dataset: rank every token of the store at once (Token Cleaning's "
+                               "global ranking)", choices=("group", "dataset"))
+    train_on: str = opt("all", TRAIN_ON_HELP, choices=TRAIN_ON)
     seed: int = opt(0, "window order, as `rho1 train --seed` (the export is written in that order)")
     shard_windows: int = opt(8192, "windows per Parquet shard")
     precision: str = opt("no", "compute dtype of the model's losses", choices=PRECISIONS)
@@ -254,6 +307,8 @@ class ExportConfig:
         check_seq_len(self.seq_len)
         check_positive(self, "seq_len", "batch_size", "shard_windows", "threads")
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("selection_scope", self.selection_scope, ("group", "dataset"))
+        check_choice("train_on", self.train_on, TRAIN_ON)
 
     @property
     def rule_options(self) -> dict:
@@ -274,6 +329,8 @@ class EvalConfig:
     max_new_tokens: int = opt(256, "generation length")
     generations: str | None = opt(None, "JSONL to write every prompt, generation, extracted and gold answer to")
     ratio: float = opt(0.6, "fraction of tokens counted as selected")
+    train_on: str = opt("all", "all: every token; target: only the target tokens count (loss and the selected "
+                        "split)", choices=TRAIN_ON)
     seq_len: int | None = opt(None, "window length (default: the ScoreStores', else 256)")
     batch_size: int = opt(16, "windows (or prompts) per forward")
     trust_remote_code: bool = opt(False, "run a model's own code from the hub")
@@ -287,6 +344,7 @@ class EvalConfig:
         if self.scores and len(self.scores) != len(self.data):
             raise ValueError("--scores must name one ScoreStore per --data store ('' for none)")
         check_ratio(self.ratio)
+        check_choice("train_on", self.train_on, TRAIN_ON)
         check_seq_len(self.seq_len)
         check_positive(self, "batch_size", "max_new_tokens", "threads")
         check_positive(self, "shots", "limit", allow_zero=("shots", "limit"))

@@ -7,11 +7,14 @@ This is SLM with the excess loss measured once, against the fixed ``--model`` (t
 model), instead of against the model being trained at each step: the selection cannot follow what the model
 has already learned. Tokens are ranked in groups of ``--batch-size`` windows, as `rho1 train` ranks one
 micro-batch, so the first group is what `rho1 train` selects at its first step (with one process, no
-gradient accumulation and full precision; float rounding aside).
+gradient accumulation and full precision; float rounding aside); with ``--selection-scope dataset`` every
+token of the store is ranked at once (Token Cleaning's global ranking). ``--train-on target`` ranks and
+labels the target tokens only (the answers), so no prompt token is ever labelled.
 
-Layout: ``OUT/parquet/part-00000.parquet ...`` (columns ``input_ids``, ``labels`` and, for soft rules or with
-``--weights``, ``weights``), ``OUT/dataset/`` and ``OUT/manifest.json`` naming the store, scores, model and
-rule. Written into ``OUT.partial`` and moved into place at the end, so a killed export leaves no ``OUT``.
+Layout: ``OUT/parquet/part-00000.parquet ...`` (columns ``input_ids``, ``labels``, ``offset``, the position
+of the window's first token in the store, and, for soft rules or with ``--weights``, ``weights``),
+``OUT/dataset/`` and ``OUT/manifest.json`` naming the store, scores, model and rule. `rho1 train --selection
+OUT` trains on these labels with rho1's own loop. Written into ``OUT.partial`` and moved into place at the end, so a killed export leaves no ``OUT``.
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ import torch
 
 from rho1.accel import compute_dtype
 from rho1.config import ExportConfig, Interrupted, stop_if_ctrl_c
-from rho1.data.loader import IGNORE_INDEX, WindowOrder, make_batch
-from rho1.data.store import ScoreStore, check_writable, open_with_scores
-from rho1.head import batch_token_losses, linear_head_of
+from rho1.data.loader import IGNORE_INDEX, WindowOrder, make_batch, trainable_mask
+from rho1.data.store import ScoreStore, TokenStore, check_writable, open_with_scores, read_json
+from rho1.head import batch_token_losses, linear_head_of, token_losses
 from rho1.lock import check_not_inside, write_lock
 from rho1.model import check_model_fits, load_model, model_hash
 from rho1.progress import progress_bar
@@ -56,25 +59,28 @@ def _shard_writer(path: Path, with_weights: bool):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    fields = [pa.field("input_ids", pa.list_(pa.int32())), pa.field("labels", pa.list_(pa.int32()))]
+    fields = [pa.field("input_ids", pa.list_(pa.int32())), pa.field("labels", pa.list_(pa.int32())),
+              pa.field("offset", pa.int64())]
     if with_weights:
         fields.append(pa.field("weights", pa.list_(pa.float32())))
     return pq.ParquetWriter(path, pa.schema(fields))
 
 
-def _table(input_ids: list, labels: list, weights: list | None):
+def _table(input_ids: list, labels: list, offsets: np.ndarray, weights: list | None):
     import pyarrow as pa
 
     columns = {"input_ids": pa.array([r.astype(np.int32) for r in input_ids], pa.list_(pa.int32())),
-               "labels": pa.array([r.astype(np.int32) for r in labels], pa.list_(pa.int32()))}
+               "labels": pa.array([r.astype(np.int32) for r in labels], pa.list_(pa.int32())),
+               "offset": pa.array(np.asarray(offsets, dtype=np.int64), pa.int64())}
     if weights is not None:
         columns["weights"] = pa.array([r.astype(np.float32) for r in weights], pa.list_(pa.float32()))
     return pa.table(columns)
 
 
-def group_labels(batch, weights: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def group_labels(batch, weights: torch.Tensor, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Hugging Face rows of one group: ``input_ids`` (padding cut off), ``labels`` (the token where it has a
-    weight, else -100; the model shifts them itself) and per-token ``weights`` aligned with ``labels``."""
+    weight, else -100; the model shifts them itself) and per-token ``weights`` aligned with ``labels``;
+    ``lengths``: the real tokens of each row."""
     input_ids = batch.input_ids.numpy()
     labels = np.full(input_ids.shape, IGNORE_INDEX, dtype=np.int64)
     token_weights = np.zeros(input_ids.shape, dtype=np.float32)
@@ -82,7 +88,6 @@ def group_labels(batch, weights: torch.Tensor) -> tuple[np.ndarray, np.ndarray, 
     kept = w > 0
     labels[:, 1:] = np.where(kept[:, :-1], input_ids[:, 1:], IGNORE_INDEX)
     token_weights[:, 1:] = np.where(kept[:, :-1], w[:, :-1], 0.0)
-    lengths = (batch.positions.numpy() >= 0).sum(1) + 1  # real tokens in each row
     return ([row[:n] for row, n in zip(input_ids, lengths)], [row[:n] for row, n in zip(labels, lengths)],
             [row[:n] for row, n in zip(token_weights, lengths)])
 
@@ -132,26 +137,37 @@ def _write_shards(cfg: ExportConfig, store, scores, model, partial: Path, with_w
     head_of = linear_head_of(model, store, cfg.seq_len)
     n_windows = store.num_windows(cfg.seq_len)
     order = WindowOrder(n_windows, cfg.seed).take(0, n_windows)  # one epoch, in rho1 train's order
+    keep = trainable_mask(store, cfg.train_on)
+    everywhere, n_valid = dataset_weights(cfg, store, scores, model, keep, progress) \
+        if cfg.selection_scope == "dataset" else (None, 0)
     shards, writer, in_shard = [], None, 0
     totals = {"valid": 0, "selected": 0, "weight": 0.0}
     bar = progress_bar(total=n_windows * cfg.seq_len, desc="export", unit="tok", unit_scale=True, disable=not progress)
     try:
         for group, start in enumerate(range(0, n_windows, cfg.batch_size)):
             stop_if_ctrl_c()
-            batch = make_batch(store, order[start : start + cfg.batch_size], cfg.seq_len, scores)
-            losses = batch_token_losses(model, batch.input_ids.to(device), batch.labels.to(device),
-                                        head_of=head_of, dtype=compute_dtype(cfg.precision)).cpu()
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + group)  # as rho1 train's step `group`
-            picked = select_from_token_loss(losses, batch.labels, batch.ref_loss, cfg.ratio, cfg.score,
-                                            generator=generator, rule=cfg.rule, rule_options=cfg.rule_options)
-            totals["valid"] += picked.n_valid
-            totals["selected"] += int((picked.weights > 0).sum())
-            totals["weight"] += picked.n_selected
-            ids, labels, weights = group_labels(batch, picked.weights)
+            windows = order[start : start + cfg.batch_size]
+            batch = make_batch(store, windows, cfg.seq_len, scores, keep)
+            if everywhere is None:
+                losses = batch_token_losses(model, batch.input_ids.to(device), batch.labels.to(device),
+                                            head_of=head_of, dtype=compute_dtype(cfg.precision)).cpu()
+                generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + group)  # as rho1 train's step `group`
+                picked = select_from_token_loss(losses, batch.labels, batch.ref_loss, cfg.ratio, cfg.score,
+                                                generator=generator, rule=cfg.rule, rule_options=cfg.rule_options)
+                group_weights = picked.weights
+                totals["valid"] += picked.n_valid
+            else:
+                at = batch.positions.numpy()
+                group_weights = torch.from_numpy(np.where(at >= 0, everywhere[np.maximum(at, 0)], 0.0))
+            totals["selected"] += int((group_weights > 0).sum())
+            totals["weight"] += float(group_weights.sum())
+            offsets = windows.astype(np.int64) * cfg.seq_len
+            lengths = np.minimum(offsets + cfg.seq_len, store.n_tokens) - offsets
+            ids, labels, weights = group_labels(batch, group_weights, lengths)
             if writer is None:  # a shard holds whole groups, --shard-windows windows or a few more
                 shards.append(f"parquet/part-{len(shards):05d}.parquet")
                 writer, in_shard = _shard_writer(partial / shards[-1], with_weights), 0
-            writer.write_table(_table(ids, labels, weights if with_weights else None))
+            writer.write_table(_table(ids, labels, offsets, weights if with_weights else None))
             in_shard += len(ids)
             if in_shard >= cfg.shard_windows:
                 writer.close()
@@ -161,7 +177,55 @@ def _write_shards(cfg: ExportConfig, store, scores, model, partial: Path, with_w
             writer.close()
     finally:
         bar.close()
+    if everywhere is not None:
+        totals["valid"] = n_valid
     return shards, totals
+
+
+def dataset_weights(cfg: ExportConfig, store, scores, model, keep, progress: bool) -> tuple[np.ndarray, int]:
+    """The rule's weight of every token of the store, ranked all at once (one float32 per token): the model's
+    loss of each token given its window, scored against the ScoreStore, the top --ratio of the store's valid
+    tokens (for topk) kept; and how many tokens could be kept."""
+    losses = token_losses(model, store, cfg.seq_len, cfg.batch_size, progress=progress, desc="export: losses",
+                          head_of=linear_head_of(model, store, cfg.seq_len), dtype=compute_dtype(cfg.precision))
+    valid = np.isfinite(losses) if keep is None else np.isfinite(losses) & (np.asarray(keep) > 0)
+    labels = torch.from_numpy(np.where(valid, 0, IGNORE_INDEX))[None]
+    ref = None if scores is None else torch.from_numpy(np.asarray(scores.scores, np.float32))[None]
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003)
+    picked = select_from_token_loss(torch.from_numpy(np.nan_to_num(losses))[None], labels, ref, cfg.ratio, cfg.score,
+                                    generator=generator, rule=cfg.rule, rule_options=cfg.rule_options)
+    return picked.weights[0].numpy().astype(np.float32), picked.n_valid
+
+
+def kept_positions(path: str | Path, store: TokenStore, seq_len: int | None) -> np.ndarray:
+    """1 per stream position of ``store`` whose token an export labelled (its ``offset`` + the label's index),
+    after checking that the export was made from this store with these windows and a rule without weights."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    how = "export it again with `rho1 export`"
+    manifest = read_json(path / "manifest.json", how) if (path / "manifest.json").is_file() else None
+    if manifest is None or manifest.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"--selection {path} is not an export of `rho1 export` (no manifest.json of format "
+                         f"{EXPORT_FORMAT}); {how}")
+    if manifest["token_store_hash"] != store.hash:
+        raise ValueError(f"--selection {path} was made from another TokenStore ({manifest['token_store']}), not "
+                         f"{store.path}; pass that store as --data, or export this one")
+    if seq_len is not None and manifest["seq_len"] != seq_len:
+        raise ValueError(f"--selection {path} holds windows of {manifest['seq_len']} tokens but --seq-len is "
+                         f"{seq_len}; pass --seq-len {manifest['seq_len']}")
+    if "weights" in manifest["columns"] and not get_rule(manifest["rule"]).hard:
+        raise ValueError(f"--selection {path} was made with the soft rule {manifest['rule']!r}, whose weights rho1 "
+                         "train --selection does not read; export with a hard rule (topk, threshold)")
+    if "offset" not in manifest["columns"]:
+        raise ValueError(f"--selection {path} has no offset column (made by an older rho1); {how}")
+    keep = np.zeros(store.n_tokens, dtype=np.uint8)
+    for shard in manifest["shards"]:
+        table = pq.read_table(path / shard, columns=["labels", "offset"])
+        for labels, offset in zip(table.column("labels").to_numpy(zero_copy_only=False),
+                                  table.column("offset").to_numpy()):
+            keep[offset + np.flatnonzero(np.asarray(labels) != IGNORE_INDEX)] = 1
+    return keep
 
 
 def _write_dataset(partial: Path, shards: list[str], progress: bool) -> None:
@@ -188,9 +252,10 @@ def _manifest(cfg: ExportConfig, store, scores, model, shards: list[str], totals
         "scores_sha256": scores.manifest.get("sha256") if scores is not None else None,
         "model": {"name": cfg.model, "hash": model_hash(cfg.model, model)},
         "rule": cfg.rule, "score": cfg.score, "ratio": cfg.ratio, "rule_options": cfg.rule_options,
+        "selection_scope": cfg.selection_scope, "train_on": cfg.train_on,
         "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "seed": cfg.seed,
         "windows": store.num_windows(cfg.seq_len),
-        "shards": shards, "columns": ["input_ids", "labels", *(["weights"] if with_weights else [])],
+        "shards": shards, "columns": ["input_ids", "labels", "offset", *(["weights"] if with_weights else [])],
         "valid_tokens": totals["valid"], "tokens_with_a_label": totals["selected"],
         "frac_selected": totals["weight"] / max(totals["valid"], 1),
         "note": "static selection: the excess loss was measured once against --model, not against the model being "

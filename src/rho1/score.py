@@ -23,6 +23,7 @@ import numpy as np
 from rho1.accel import compute_dtype, hold_job_lock, make_accelerator
 from rho1.align import PROJECTION, load_reference
 from rho1.config import Interrupted, ScoreConfig, stop_if_ctrl_c
+from rho1.data.loader import trainable_mask
 from rho1.data.store import (
     SCORE_FORMAT,
     ScoreStore,
@@ -139,6 +140,7 @@ def _score_chunks(cfg: ScoreConfig, store: TokenStore, model, accelerator, chunk
     out, n_windows = Path(cfg.out), store.num_windows(cfg.seq_len)
     # when set, no [tokens x vocab] logits are made (a reference with another tokenizer makes its own)
     head_of = None if cfg.cross_tokenizer else linear_head_of(model, store, cfg.seq_len)
+    target = np.asarray(store.target_mask) if cfg.train_on == "target" else None
     bar = progress_bar(total=sum(spans[c][1] - spans[c][0] for c in chunks), desc="score", unit="tok",
                        unit_scale=True, disable=not (progress and accelerator.is_main_process))
     fd = os.open(out / "scores.bin", os.O_RDWR)
@@ -149,6 +151,8 @@ def _score_chunks(cfg: ScoreConfig, store: TokenStore, model, accelerator, chunk
             lo, hi = spans[chunk]
             losses = token_losses(model, store, cfg.seq_len, cfg.batch_size, windows, autocast=accelerator.autocast,
                                   head_of=head_of, dtype=compute_dtype(cfg.precision), span=(lo, hi))
+            if target is not None:  # a prompt token has no score, so no selection ever keeps it
+                losses = np.where(target[lo:hi] > 0, losses, np.nan)
             data = losses.astype(np.float16).tobytes()
             written = 0
             while written < len(data):
@@ -180,6 +184,8 @@ def score(cfg: ScoreConfig, progress: bool = True) -> ScoreStore:
 
 
 def _score(cfg: ScoreConfig, store: TokenStore, accelerator, progress: bool) -> ScoreStore:
+    if cfg.train_on == "target":
+        trainable_mask(store, "target")  # one sentence when the store has no target tokens
     model = _reference_model(cfg, store, accelerator.device)
     out = Path(cfg.out)
     n_windows = store.num_windows(cfg.seq_len)
@@ -192,6 +198,8 @@ def _score(cfg: ScoreConfig, store: TokenStore, accelerator, progress: bool) -> 
     if cfg.cross_tokenizer:  # the learner's tokenizer is the store's (tokenizer_hash above)
         identity["cross_tokenizer"] = {"reference_tokenizer_hash": tokenizer_hash(model.tokenizer),
                                        "projection": PROJECTION}
+    if cfg.train_on != "all":  # (left out for all: the jobs of earlier ScoreStores keep their ids)
+        identity["train_on"] = cfg.train_on
     job = job_id({k: v for k, v in identity.items() if k != "token_store"} | {"model": identity["model"]["hash"]})
     _check_same_job(out, identity)
     if accelerator.is_main_process:

@@ -144,11 +144,12 @@ def test_export_labels_are_the_rules_selection(stores, corpus_scores, start_mode
     import pyarrow.parquet as pq
 
     table = pq.read_table(tmp_path / "export" / "parquet")
-    assert table.num_rows == n_windows and table.column_names == ["input_ids", "labels"]
+    assert table.num_rows == n_windows and table.column_names == ["input_ids", "labels", "offset"]
+    assert table.column("offset").to_pylist() == [int(w) * SEQ_LEN for w in order]  # each window's first token
     soft = export(ExportConfig(data=str(store.path), scores=str(corpus_scores.path), model=str(start_model),
                                out=str(tmp_path / "soft"), seq_len=SEQ_LEN, rule="soft", temperature=0.5),
                   progress=False)
-    assert soft["columns"] == ["input_ids", "labels", "weights"]
+    assert soft["columns"] == ["input_ids", "labels", "offset", "weights"]
     weights = datasets.load_from_disk(str(tmp_path / "soft" / "dataset"))[0]["weights"]
     assert weights[0] == 0 and 0 < max(weights) <= 1 and 0 < min(weights[1:]) < 0.5
 

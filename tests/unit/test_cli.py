@@ -34,7 +34,7 @@ def test_every_config_field_is_an_option_with_help(verb):
         assert f.metadata.get("help"), f"{config_cls.__name__}.{f.name} has no help"
         assert by_dest[f.name].default is None  # only flags given on the command line override
     if verb == "train":
-        assert by_dest["score"].choices == ["excess", "reference", "learner", "random"]
+        assert by_dest["score"].choices == ["excess", "retrospective", "reference", "learner", "random"]
         assert by_dest["eval_data"].nargs == "+" and by_dest["resume"].const is True
         assert "-o" in by_dest["out"].option_strings
 

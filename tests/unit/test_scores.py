@@ -28,7 +28,11 @@ def test_registered_score_is_a_choice_and_needs_its_reference(ref_hard):
 
 
 def test_built_in_scores_and_bad_names():
-    assert list(SCORES)[:4] == ["excess", "reference", "learner", "random"]
+    assert list(SCORES)[:5] == ["excess", "retrospective", "reference", "learner", "random"]
+    import torch
+
+    learner, reference = torch.tensor([2.0, 1.0]), torch.tensor([1.5, 3.0])  # ssToken's REL: what was learned since
+    assert get_score("retrospective").fn(learner, reference).tolist() == [-0.5, 2.0]
     assert [get_score(n).needs_reference for n in ("excess", "reference", "learner", "random")] == [True, True,
                                                                                                    False, False]
     with pytest.raises(ValueError, match="unknown score function 'nope'.*register_score"):

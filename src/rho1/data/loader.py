@@ -25,8 +25,11 @@ class Batch:
         return Batch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
 
 
-def make_batch(store: TokenStore, windows, seq_len: int, scores: ScoreStore | None = None) -> Batch:
-    """The windows (indices into the store's seq_len windows) as one batch, right-padded with EOS."""
+def make_batch(store: TokenStore, windows, seq_len: int, scores: ScoreStore | None = None,
+               keep: np.ndarray | None = None) -> Batch:
+    """The windows (indices into the store's seq_len windows) as one batch, right-padded with EOS.
+    ``keep``: 1 per stream position that may be trained on (``trainable_mask``); every other label is
+    IGNORE_INDEX, as if past the window."""
     n = len(windows)
     input_ids = np.full((n, seq_len), store.manifest["eos_token_id"], dtype=np.int64)
     positions = np.full((n, seq_len), -1, dtype=np.int64)
@@ -35,6 +38,8 @@ def make_batch(store: TokenStore, windows, seq_len: int, scores: ScoreStore | No
         end = min(start + seq_len, store.n_tokens)
         input_ids[row, : end - start] = store.tokens[start:end]
         positions[row, : end - start - 1] = np.arange(start + 1, end)
+    if keep is not None:
+        positions = np.where((positions >= 0) & (keep[np.maximum(positions, 0)] > 0), positions, -1)
     has_label = positions >= 0
     labels = np.where(has_label, np.roll(input_ids, -1, axis=1), IGNORE_INDEX)
     ref = None
@@ -43,6 +48,25 @@ def make_batch(store: TokenStore, windows, seq_len: int, scores: ScoreStore | No
         ref = torch.from_numpy(np.where(has_label, scores.scores[safe].astype(np.float32), np.nan))
     label_ids = torch.from_numpy(store.token_labels(positions)) if store.label_names else None
     return Batch(torch.from_numpy(input_ids), torch.from_numpy(labels), ref, torch.from_numpy(positions), label_ids)
+
+
+def trainable_mask(store: TokenStore, train_on: str = "all", selection: str | None = None,
+                   seq_len: int | None = None) -> np.ndarray | None:
+    """1 per stream position whose token may be trained on, or None for every token: ``train_on="target"``
+    keeps the store's target tokens (the answer, the assistant turns), ``selection`` the tokens an export of
+    `rho1 export` labelled; both given, the tokens both keep."""
+    keep = None
+    if train_on == "target":
+        if store.target_mask is None:
+            raise ValueError(f"--train-on target needs target tokens, and {store.path} has none; prepare it with "
+                             "--template and --target-field (or --chat-field), or use --train-on all")
+        keep = np.asarray(store.target_mask)
+    if selection is not None:
+        from rho1.export import kept_positions
+
+        kept = kept_positions(selection, store, seq_len)
+        keep = kept if keep is None else keep & kept
+    return keep
 
 
 class WindowOrder:

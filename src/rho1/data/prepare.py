@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from rho1.config import PrepareConfig
-from rho1.data.sources import HF_PREFIX, expand_sources, read_documents
+from rho1.data.sources import HF_PREFIX, chat_renderer, expand_sources, read_documents
 from rho1.data.store import TOKEN_FORMAT, TokenStore, check_writable, write_json_atomic
 from rho1.data.tokenizer import load_tokenizer, tokenizer_hash, train_bpe
 from rho1.lock import check_not_inside, write_lock
@@ -31,12 +31,19 @@ def resolve_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 def _encode_batch(tokenizer, docs):
     texts = [d.text for d in docs]
-    need_offsets = any(d.target_start not in (None, 0) for d in docs)
+    need_offsets = any(d.target_start not in (None, 0) or d.target_spans for d in docs)
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=need_offsets,
                     return_attention_mask=False)
     for i, doc in enumerate(docs):
         ids = enc["input_ids"][i]
-        if doc.target_start is None:
+        if doc.target_spans is not None:  # a token is target if any of its characters is in an assistant turn
+            mask = np.zeros(len(ids) + 1, np.uint8)
+            if doc.target_spans:
+                bounds = np.array(enc["offset_mapping"][i], dtype=np.int64).reshape(-1, 2)
+                for lo, hi in doc.target_spans:
+                    mask[:-1] |= (bounds[:, 0] < hi) & (bounds[:, 1] > lo)
+                mask[-1] = doc.target_spans[-1][1] >= len(doc.text.rstrip())  # the closing EOS, after an answer
+        elif doc.target_start is None:
             mask = np.zeros(len(ids) + 1, np.uint8)
         elif doc.target_start == 0:
             mask = np.ones(len(ids) + 1, np.uint8)
@@ -201,14 +208,19 @@ def _prepare(cfg: PrepareConfig, out: Path, progress: bool) -> TokenStore:
     check_out(out, cfg.overwrite)
     files = expand_sources(cfg.sources)
     template = unescape_template(cfg.template)
+    start = time.time()
+    chat = None
+    if cfg.chat_field:  # the conversations are rendered by the tokenizer's own template
+        tokenizer, tokenizer_name = _tokenizer(cfg, ())
+        chat = chat_renderer(tokenizer, cfg.chat_field)
 
     def documents():
-        return read_documents(files, cfg.text_field, template, cfg.target_field, cfg.split, cfg.label_field)
+        return read_documents(files, cfg.text_field, template, cfg.target_field, cfg.split, cfg.label_field, chat)
 
     if next(iter(documents()), None) is None:
         raise ValueError(f"no text found in {', '.join(map(str, files))}; the corpus is empty")
-    start = time.time()
-    tokenizer, tokenizer_name = _tokenizer(cfg, (d.text for d in documents()))
+    if chat is None:
+        tokenizer, tokenizer_name = _tokenizer(cfg, (d.text for d in documents()))
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -224,6 +236,7 @@ def _prepare(cfg: PrepareConfig, out: Path, progress: bool) -> TokenStore:
                 "tokenizer": {"name": tokenizer_name, "hash": tokenizer_hash(tokenizer)},
                 "sources": [str(f) for f in files], "text_field": cfg.text_field, "split": cfg.split,
                 "template": template, "target_field": cfg.target_field, "label_field": cfg.label_field,
+                "chat_field": cfg.chat_field,
                 "labels": written["labels"],
                 **{k: written[k] for k in ("has_target_mask", "content_hash", "sha256")}, "seconds": round(seconds, 3)}
     write_json_atomic(tmp / "manifest.json", manifest)

@@ -3,6 +3,8 @@
 Each source yields ``Document(text, target_start, label)``: ``target_start`` is the character where the
 part that counts for target-domain metrics begins (e.g. the answer of a question/answer template),
 or None when the whole text counts; ``label`` names the document's source (``--label-field``), or None.
+A conversation rendered with a chat template (``--chat-field``) has ``target_spans`` instead: the
+character ranges of its assistant turns.
 """
 
 from __future__ import annotations
@@ -21,6 +23,46 @@ class Document:
     text: str
     target_start: int | None = None
     label: str | None = None
+    target_spans: list[tuple[int, int]] | None = None  # [start, end) characters of the target (assistant turns)
+
+
+def chat_renderer(tokenizer, field: str):
+    """``render(record, where) -> Document`` of the conversation in ``record[field]`` (a list of {role, content}),
+    as the tokenizer's chat template writes it; the assistant turns are the target. Each turn's characters
+    are found by rendering the conversation up to it: the conversation before it with the generation prompt,
+    then with the turn (so the turn's end-of-turn marker is target, its header is not)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--chat-field renders conversations with the tokenizer's chat template, and this tokenizer "
+                         "has none; pass --tokenizer with a chat model's tokenizer (or set its chat_template), or "
+                         "format the records with --template")
+
+    def render(messages, **kw) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kw)
+
+    def document(record: dict, where: str) -> Document:
+        if field not in record:
+            raise ValueError(f"{where} has no field {field!r} for --chat-field; fields present: {', '.join(record)}")
+        messages = record[field]
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise ValueError(f"{where} field {field!r} must be a list of messages, each {{\"role\": ..., "
+                             "\"content\": \"text\"}")
+        text, spans = render(messages), []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = render(messages[:i], add_generation_prompt=True) if i else ""
+            through = render(messages[: i + 1])
+            if not (text.startswith(through) and through.startswith(before)):
+                raise ValueError(f"{where}: the chat template does not write this conversation turn by turn (the "
+                                 "text up to an assistant turn changes once later turns follow, as templates that "
+                                 "drop earlier reasoning do), so its assistant turns cannot be found; use another "
+                                 "template or one conversation per turn")
+            spans.append((len(before), len(through)))
+        return Document(text, target_spans=spans)
+
+    return document
 
 
 HF_PREFIX = "hf:"  # hf:NAME[:CONFIG] -> datasets.load_dataset(NAME, CONFIG): a hub name or a local data folder
@@ -206,15 +248,21 @@ def _label(record: dict, label_field: str, where: str) -> str:
 
 def read_documents(paths: list[str | Path], text_field: str | None = None, template: str | None = None,
                    target_field: str | None = None, split: str = "train",
-                   label_field: str | None = None) -> Iterator[Document]:
+                   label_field: str | None = None, chat=None) -> Iterator[Document]:
     """Every document of every source, in order. Empty documents are skipped. ``split``: the split read
     from Hugging Face datasets. ``label_field``: each record's field naming its source (a text file's
-    documents are labelled by the file's name)."""
+    documents are labelled by the file's name). ``chat``: a ``chat_renderer`` for records holding
+    conversations."""
     for path in expand_sources(paths):
         records = _records(path, split)
+        if records is None and chat is not None:
+            raise ValueError(f"--chat-field reads conversations from records (jsonl, Parquet, datasets); {path} is a "
+                             "text file")
         if records is None:
             docs = iter([Document(_read_utf8(path), 0 if target_field else None,
                                   Path(path).name if label_field else None)])
+        elif chat is not None:
+            docs = (_labelled(chat(r, where), r, label_field, where) for where, r in records)
         else:
             docs = (_labelled(format_record(r, where, text_field, template, target_field), r, label_field, where)
                     for where, r in records)

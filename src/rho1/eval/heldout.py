@@ -53,6 +53,7 @@ def evaluate_model(cfg: EvalConfig, progress: bool = True) -> dict:
     the split being the top ``ratio`` by excess loss of this model), and few-shot answer accuracy."""
     from pathlib import Path
 
+    from rho1.data.loader import trainable_mask
     from rho1.data.store import ScoreStore, check_writable
     from rho1.data.tokenizer import load_tokenizer
     from rho1.model import check_model_fits, check_positions, load_model
@@ -83,6 +84,8 @@ def evaluate_model(cfg: EvalConfig, progress: bool = True) -> dict:
         check_positions(model, seq_len, cfg.model, "--seq-len" if cfg.seq_len else "the window length")
         losses = token_losses(model, store, seq_len, cfg.batch_size, progress=progress, desc=store.path.name,
                               head_of=linear_head_of(model, store, seq_len))
+        if cfg.train_on == "target":  # only the target tokens count, for the loss and the selected split
+            losses = np.where(trainable_mask(store, "target") > 0, losses, np.nan)
         ref = None if score_store is None else np.asarray(score_store.scores, np.float32)
         selected = None if ref is None else fixed_selection(losses, ref, cfg.ratio)
         results[Path(store.path).name] = summarize(losses, store, ref, selected)

@@ -55,9 +55,12 @@ def _random(learner, reference, generator=None):
     return torch.rand(learner.shape, generator=generator, device="cpu").to(learner.device)
 
 
-BUILT_IN = ("excess", "reference", "learner", "random")
+BUILT_IN = ("excess", "retrospective", "reference", "learner", "random")
 register_score("excess", lambda learner, reference, generator=None: learner - reference, True,
                "learner loss minus reference loss (the paper's rule)")
+register_score("retrospective", lambda learner, reference, generator=None: reference - learner, True,
+               "reference loss minus learner loss: what the learner has learned since the reference, its own earlier "
+               "weights (ssToken's retrospective excess loss; the default with --reference self)")
 register_score("reference", lambda learner, reference, generator=None: -reference, True,
                "the tokens the reference model finds easiest")
 register_score("learner", lambda learner, reference, generator=None: learner, False,

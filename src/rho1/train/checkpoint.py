@@ -22,6 +22,7 @@ from rho1.data.store import check_writable, read_json, sha256_file, verify_files
 from rho1.model import save_checkpoint
 
 STATE_FILE = "rho1_state.json"
+REFERENCE_FILE = "reference.safetensors"  # the weights of a --reference self, which move with the run
 
 
 def checkpoints(out: Path) -> list[Path]:
@@ -151,11 +152,19 @@ class Checkpointer:
         """``dtype``: the dtype the Hugging Face folders are written in (the one the model came in)."""
         self.out, self.accelerator, self.tokenizer, self.keep_last = Path(out), accelerator, tokenizer, keep_last
         self.dtype = dtype
+        self.reference = None  # a --reference self model, saved and restored with the learner
         accelerator.register_save_state_pre_hook(drop_tied_duplicates)
 
     def resume(self, path: Path) -> None:
         """The optimizer, RNG and scaler of a checkpoint (its weights checked by ``read_training_state``)."""
         self.accelerator.load_state(str(path / "state"))
+        if self.reference is not None:
+            from safetensors.torch import load_model
+
+            if not (path / REFERENCE_FILE).is_file():
+                raise ValueError(f"{path} has no {REFERENCE_FILE}: it was saved by a run without --reference self; "
+                                 "resume with the options the run started with")
+            load_model(self.reference, path / REFERENCE_FILE, device=str(self.accelerator.device))
 
     def save_final(self, model, info: dict) -> None:
         self.accelerator.wait_for_everyone()
@@ -177,6 +186,10 @@ class Checkpointer:
             state_dict = acc.get_state_dict(model)
             if acc.is_main_process:
                 save_checkpoint(acc.unwrap_model(model), self.tokenizer, tmp, state_dict=state_dict, dtype=self.dtype)
+                if self.reference is not None:
+                    from safetensors.torch import save_model
+
+                    save_model(self.reference, str(tmp / REFERENCE_FILE))
                 files = {f.name: sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))}
                 (tmp / STATE_FILE).write_text(json.dumps({**position, "sha256": files}, indent=2))
         except (OSError, RuntimeError, SafetensorError) as err:  # torch and safetensors wrap I/O errors

@@ -10,6 +10,7 @@ process (known only after the forward, so any selection rule works), clip, updat
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import time
@@ -23,7 +24,7 @@ from accelerate import Accelerator
 from rho1.accel import compute_dtype, everyone_agrees, hold_job_lock, make_accelerator
 from rho1.align import load_reference
 from rho1.config import Interrupted, TrainConfig, stop_if_ctrl_c
-from rho1.data.loader import WindowOrder, make_batch
+from rho1.data.loader import WindowOrder, make_batch, trainable_mask
 from rho1.data.store import ScoreStore, TokenStore, check_writable, open_with_scores, read_jsonl
 from rho1.head import chunked_head_supported, forward_selection, linear_head_of, reference_token_losses
 from rho1.lock import check_not_inside
@@ -112,7 +113,7 @@ class Run:
     model: torch.nn.Module  # as accelerate prepared it
     optimizer: torch.optim.Optimizer
     order: WindowOrder
-    reference: tuple | None  # (model, head_of) of a reference model run in the loop
+    reference: tuple | None  # (model, head_of) of a reference model run in the loop (--reference MODEL or self)
     chunked_head: bool  # the loss from the head's input (rho1.selection.linear_ce)
     evaluator: Evaluator
     checkpointer: Checkpointer
@@ -127,6 +128,7 @@ class Run:
     parameters: int = 0
     flops_per_token: float = 0.0  # training FLOPs of one token (rho1.train.throughput)
     peak: tuple = (None, "")  # peak FLOP/s of one device and where that number comes from
+    keep: object = None  # 1 per stream position that may be trained on (--train-on target, --selection), or None
 
     @property
     def ratio(self) -> float:
@@ -181,8 +183,6 @@ def _learner(cfg: TrainConfig, store: TokenStore, tokenizer):
                              "--gradient-checkpointing")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    if cfg.torch_compile:
-        compile_layers(model)
     return model
 
 
@@ -213,10 +213,21 @@ def compile_layers(model) -> int:
     return len(layers)
 
 
-def _reference(cfg: TrainConfig, store: TokenStore, accelerator) -> tuple | None:
-    """A frozen reference model run in the loop, held in the compute dtype like `rho1 score` holds it."""
+def _reference(cfg: TrainConfig, store: TokenStore, accelerator, learner) -> tuple | None:
+    """A frozen reference model run in the loop, held in the compute dtype like `rho1 score` holds it; with
+    --reference self a copy of the learner's starting weights, in their own dtype (an EMA needs them)."""
     if not cfg.reference:
         return None
+    if cfg.reference == "self":
+        from accelerate import DistributedType
+
+        if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU,
+                                                DistributedType.MULTI_GPU):
+            raise ValueError("--reference self keeps a whole copy of the learner on each process, which runs on one "
+                             "process or under DDP; it is not supported under FSDP or DeepSpeed: score with a "
+                             "reference (`rho1 score`) instead")
+        model = copy.deepcopy(learner).to(accelerator.device).eval().requires_grad_(False)
+        return model, linear_head_of(model, store, cfg.seq_len)
     model = load_reference(cfg.reference, store, cfg.cross_tokenizer, compute_dtype(cfg.precision),
                            cfg.trust_remote_code)
     model = model.to(accelerator.device).eval().requires_grad_(False)
@@ -232,7 +243,8 @@ def setup(cfg: TrainConfig, progress: bool = True) -> Run:
     out = Path(cfg.out)
     check_writable(out)
     check_not_inside(out, [("--data", cfg.data), ("--scores", cfg.scores), ("--model", cfg.model),
-                           ("--reference", cfg.reference), *(("--eval-data", p) for p in cfg.eval_data)])
+                           ("--reference", cfg.reference if cfg.reference != "self" else None),
+                           ("--selection", cfg.selection), *(("--eval-data", p) for p in cfg.eval_data)])
     report_to = trackers(cfg.report_to)
     accelerator = make_accelerator(cfg.precision, report_to, out / "trackers")
     held = contextlib.ExitStack()
@@ -252,20 +264,27 @@ def _setup(cfg: TrainConfig, accelerator, held: contextlib.ExitStack, progress: 
     if state is not None:
         check_same_recipe(out, cfg, state, store.hash, scores_hash(scores),
                           cfg.batch_size * cfg.grad_accum * accelerator.num_processes * cfg.seq_len)
+    keep = trainable_mask(store, cfg.train_on, cfg.selection, cfg.seq_len)
     tokenizer = store.tokenizer()
     model = _learner(cfg, store, tokenizer)
-    reference = _reference(cfg, store, accelerator)
+    reference = _reference(cfg, store, accelerator, model)
+    if cfg.torch_compile:  # after the self reference is copied: a copy would share the compiled calls
+        compile_layers(model)
     torch.manual_seed(cfg.seed)
     model, optimizer = accelerator.prepare(model, make_optimizer(model, cfg, accelerator.device.type == "cuda"))
     model.train()
     unwrapped = accelerator.unwrap_model(model)
     chunked = cfg.loss_impl == "auto" and chunked_head_supported(accelerator) and linear_head_of(unwrapped, store, cfg.seq_len)
-    evaluator = Evaluator(cfg, accelerator, unwrapped if chunked else None, reference, resume_from is not None)
+    # a self reference moves, so held-out reference losses (computed once) would depend on where a run resumed
+    evaluator = Evaluator(cfg, accelerator, unwrapped if chunked else None,
+                          reference if cfg.reference != "self" else None, resume_from is not None)
     run = Run(cfg, accelerator, store, scores, model, optimizer, WindowOrder(store.num_windows(cfg.seq_len), cfg.seed),
               reference, bool(chunked), evaluator,
               Checkpointer(out, accelerator, tokenizer, cfg.keep_last, stored_dtype(cfg.model)),
               MetricsLog(out, False, None), resume_from, held, next_eval=cfg.eval_every or math.inf,
-              next_save=cfg.save_every or math.inf, parameters=sum(p.numel() for p in model.parameters()))
+              next_save=cfg.save_every or math.inf, parameters=sum(p.numel() for p in model.parameters()), keep=keep)
+    if cfg.reference == "self":
+        run.checkpointer.reference = reference[0]
     run.flops_per_token = flops_per_token(unwrapped, cfg.seq_len)
     run.peak = peak_flops(accelerator.device, cfg.precision, cfg.peak_flops)
     if resume_from is not None:
@@ -316,7 +335,7 @@ def step_batches(run: Run, step: int) -> list:
     windows = run.order.take(step * run.windows_per_step, run.windows_per_step)
     n_proc, rank = acc.num_processes, acc.process_index
     micro = [make_batch(run.store, windows[(m * n_proc + rank) * cfg.batch_size:][: cfg.batch_size], cfg.seq_len,
-                        run.scores).to(acc.device) for m in range(cfg.grad_accum)]
+                        run.scores, run.keep).to(acc.device) for m in range(cfg.grad_accum)]
     if run.reference is not None:
         ref_model, ref_head = run.reference
         for batch in micro:
@@ -480,6 +499,20 @@ class LogWindow:
         return record
 
 
+@torch.no_grad()
+def advance_self_reference(run: Run) -> None:
+    """After optimizer step ``run.step``: the moving average (--reference-ema) takes a step towards the
+    learner, or every --reference-update steps the reference becomes a copy of it."""
+    cfg, reference = run.cfg, run.reference[0]
+    learner = run.accelerator.unwrap_model(run.model)
+    if cfg.reference_ema is not None:
+        for ref, p in zip(reference.parameters(), learner.parameters()):
+            ref.lerp_(p.detach().to(ref.dtype), 1.0 - cfg.reference_ema)
+    elif cfg.reference_update and run.step % cfg.reference_update == 0:
+        for ref, p in zip(reference.parameters(), learner.parameters()):
+            ref.copy_(p.detach())
+
+
 def evaluate(run: Run) -> dict:
     if not run.evaluator.stores:
         return {}
@@ -574,6 +607,8 @@ def _fit(run: Run, progress: bool) -> dict:
             else:
                 window.add(result, seconds)
             run.step, run.tokens = step + 1, run.tokens + run.tokens_per_step
+            if cfg.reference == "self":
+                advance_self_reference(run)
             bar.update(run.tokens_per_step)
             empty.add(result)
             if empty.steps >= min(EMPTY_STEPS, run.total_steps):
