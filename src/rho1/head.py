@@ -109,8 +109,10 @@ def linear_head_of(model, store: TokenStore, seq_len: int):
     return model if head_is_linear(model, sample) else None
 
 
-def batch_token_losses(model, input_ids, labels, autocast=contextlib.nullcontext, head_of=None, dtype=None):
-    """Per-token losses of one batch (float32, shaped like ``labels``), no gradient.
+def batch_token_losses(model, input_ids, labels, autocast=contextlib.nullcontext, head_of=None, dtype=None,
+                       extra: dict | None = None):
+    """Per-token losses of one batch (float32, shaped like ``labels``), no gradient. ``extra``: more inputs of
+    the forward (``position_ids`` of packed rows).
 
     ``head_of``: the (unwrapped) model, when its logits are a plain linear head (``head_is_linear``):
     the losses are then computed from the head's input in chunks, without the ``[tokens x vocab]`` logits
@@ -122,7 +124,7 @@ def batch_token_losses(model, input_ids, labels, autocast=contextlib.nullcontext
     with torch.no_grad():
         if head_of is None:
             with autocast():
-                logits = model(input_ids=input_ids, use_cache=False).logits
+                logits = model(input_ids=input_ids, use_cache=False, **(extra or {})).logits
             return token_cross_entropy(logits, labels)
 
         def losses(hidden, weight):
@@ -130,7 +132,7 @@ def batch_token_losses(model, input_ids, labels, autocast=contextlib.nullcontext
             return chunked_cross_entropy(hidden, weight.to(hidden.dtype), labels.reshape(-1))[0].view_as(labels)
 
         with head_computes(head_of, losses), autocast():
-            return model(input_ids=input_ids, use_cache=False).logits.float()
+            return model(input_ids=input_ids, use_cache=False, **(extra or {})).logits.float()
 
 
 @torch.inference_mode()
@@ -161,11 +163,12 @@ def token_losses(model, store: TokenStore, seq_len: int, batch_size: int = 16, w
     return out
 
 
-def reference_token_losses(model, input_ids, labels, head_of=None, autocast=contextlib.nullcontext, dtype=None):
+def reference_token_losses(model, input_ids, labels, head_of=None, autocast=contextlib.nullcontext, dtype=None,
+                           extra: dict | None = None):
     """A reference model's loss of each label, as a ScoreStore holds it: NaN where there is no label,
     rounded to float16 like stored scores, so a reference run in the loop selects exactly what stored
     scores select."""
-    losses = batch_token_losses(model, input_ids, labels, autocast, head_of, dtype)
+    losses = batch_token_losses(model, input_ids, labels, autocast, head_of, dtype, extra)
     return torch.where(labels != IGNORE_INDEX, losses.half().float(), torch.nan)
 
 

@@ -11,20 +11,23 @@ store the scores belong to (``windows_dataset`` makes such examples), and the co
 With the default ``topk`` rule the loss is the selected tokens' cross-entropy summed over the whole
 optimizer step (all accumulated micro-batches, all processes) divided by the number of tokens selected in
 it, as in `rho1 train`; other rules take the weighted mean of each micro-batch (see SelectiveTrainer).
-Labels of ``-100`` (padding, SFT prompt tokens) are never selected.
+Labels of ``-100`` (padding, SFT prompt tokens) are never selected. ``reference_model="self"``: the learner's
+own starting weights are the reference (``reference_ema`` / ``reference_update`` move it, as `rho1 train
+--reference self`); ``rho1.trl.SelectiveSFTTrainer`` is the same on TRL's ``SFTTrainer``.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from rho1.align import CrossTokenizerReference
 from rho1.checks import check_rule_options
-from rho1.data.loader import IGNORE_INDEX
+from rho1.data.loader import IGNORE_INDEX, trainable_mask
 from rho1.data.store import ScoreStore, TokenStore
 from rho1.head import chunked_head_supported, forward_selection, head_is_linear, reference_token_losses
 from rho1.model import position_limit
@@ -43,9 +46,11 @@ class WindowsDataset(torch.utils.data.Dataset):
     memory-mapped store when asked for (a store of any size, in constant memory). Picklable for DataLoader
     workers: a worker reopens the store by its path instead of copying the tokens."""
 
-    def __init__(self, store: TokenStore, seq_len: int):
-        self.path, self.seq_len, self._store = Path(store.path), seq_len, store
+    def __init__(self, store: TokenStore, seq_len: int, train_on: str = "all"):
+        self.path, self.seq_len, self._store, self.train_on = Path(store.path), seq_len, store, train_on
         self._len = store.num_windows(seq_len)
+        if train_on == "target":
+            trainable_mask(store, "target")  # one sentence when the store has no target tokens
 
     def __len__(self) -> int:
         return self._len
@@ -58,8 +63,12 @@ class WindowsDataset(torch.utils.data.Dataset):
         if not 0 <= index < self._len:
             raise IndexError(f"window {index} of {self._len}")
         start = index * self.seq_len
-        tokens = self.store.tokens[start : start + self.seq_len]
-        return {"input_ids": tokens.astype(np.int64).tolist(), "offset": start}
+        tokens = self.store.tokens[start : start + self.seq_len].astype(np.int64)
+        example = {"input_ids": tokens.tolist(), "offset": start}
+        if self.train_on == "target":  # labels as Trainer takes them (unshifted): -100 on every prompt token
+            target = np.asarray(self.store.target_mask[start : start + len(tokens)]) > 0
+            example["labels"] = np.where(target, tokens, IGNORE_INDEX).tolist()
+        return example
 
     @property
     def store(self) -> TokenStore:
@@ -71,18 +80,20 @@ class WindowsDataset(torch.utils.data.Dataset):
         return {**self.__dict__, "_store": None}
 
 
-def windows_dataset(store: TokenStore, seq_len: int) -> WindowsDataset:
+def windows_dataset(store: TokenStore, seq_len: int, train_on: str = "all") -> WindowsDataset:
     """The store's windows of ``seq_len`` tokens as examples ``{"input_ids", "offset"}``, the windows
-    `rho1 train` and `rho1 score` use, so a ScoreStore's losses line up with them (a lazy Dataset)."""
-    return WindowsDataset(store, seq_len)
+    `rho1 train` and `rho1 score` use, so a ScoreStore's losses line up with them (a lazy Dataset).
+    ``train_on="target"``: with ``labels``, -100 on every token outside the store's target (the prompts)."""
+    return WindowsDataset(store, seq_len, train_on)
 
 
-def check_batch_fits(model, input_ids: torch.Tensor, which: str = "the model") -> None:
+def check_batch_fits(model, input_ids: torch.Tensor, which: str = "the model", position_ids=None) -> None:
     """One sentence instead of an IndexError deep in the forward: ids beyond the model's vocabulary, or
-    rows longer than its positions."""
+    rows longer than its positions (``position_ids``: a packed row holds several sequences, each from 0)."""
     limit = position_limit(model)
-    if limit is not None and input_ids.shape[-1] > limit:
-        raise ValueError(f"a batch has rows of {input_ids.shape[-1]} tokens but {which} takes at most {limit} "
+    length = input_ids.shape[-1] if position_ids is None or not position_ids.numel() else int(position_ids.max()) + 1
+    if limit is not None and length > limit:
+        raise ValueError(f"a batch has rows of {length} tokens but {which} takes at most {limit} "
                          f"positions; make the examples at most {limit} tokens long (windows_dataset(store, {limit}))")
     n_embed = model.get_input_embeddings().num_embeddings
     largest = int(input_ids.max()) if input_ids.numel() else -1
@@ -149,13 +160,36 @@ class SelectiveTrainer(Trainer):
 
     ``reference_tokenizer``: the reference model's own tokenizer when it is not the learner's; its losses
     are then projected onto the learner's tokens (``rho1.align``; the learner's tokenizer comes from
-    ``processing_class`` or the collator)."""
+    ``processing_class`` or the collator).
 
-    def __init__(self, *args, ratio: float = 0.6, score: str = "excess", reference_model=None,
+    ``reference_model="self"``: a copy of the learner's starting weights is the reference, scored by default
+    with ``retrospective`` (reference loss - learner loss, ssToken's); ``reference_ema=DECAY`` makes it a moving
+    average of the learner's weights, ``reference_update=N`` a copy of the learner every N optimizer steps. Its
+    weights are saved in each checkpoint (``reference.safetensors``) and restored by
+    ``train(resume_from_checkpoint=...)``."""
+
+    def __init__(self, *args, ratio: float = 0.6, score: str | None = None, reference_model=None,
                  loss_impl: str = "auto", rule: str = "topk", temperature: float = 0.25, threshold: float = 0.0,
-                 reference_tokenizer=None, **kwargs):
+                 reference_tokenizer=None, reference_ema: float | None = None, reference_update: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
+        self_reference = isinstance(reference_model, str) and reference_model == "self"
+        if score is None:
+            score = "retrospective" if self_reference else "excess"
         self.ratio, self.score = check_ratio(ratio), check_score(score)
+        if not self_reference and (reference_ema is not None or reference_update):
+            raise ValueError("reference_ema and reference_update move a reference_model='self'; pass it or drop them")
+        if reference_ema is not None and not 0 < reference_ema < 1:
+            raise ValueError(f"reference_ema must be a decay in (0, 1), e.g. 0.99, got {reference_ema}")
+        if reference_ema is not None and reference_update:
+            raise ValueError("pass one of reference_ema (a moving average) and reference_update (a copy every N "
+                             "steps), not both")
+        self.reference_ema, self.reference_update, self.self_reference = reference_ema, int(reference_update), \
+            self_reference
+        if self_reference:
+            reference_model = copy.deepcopy(self.accelerator.unwrap_model(self.model))
+            reference_model.__dict__.pop("forward", None)  # a forward patched on the learner (TRL) calls the learner
+            if reference_ema is not None or reference_update:
+                self.add_callback(_MoveSelfReference(self))
         check_rule_options(rule, temperature, threshold)
         self.rule, self.rule_options = rule, {"temperature": temperature, "threshold": threshold}
         if loss_impl not in ("auto", "logits"):
@@ -180,6 +214,27 @@ class SelectiveTrainer(Trainer):
             reference_model.to(self.args.device).eval().requires_grad_(False)
         self._ref_head = None
         self.selection_stats: dict = {}
+        self.last_selection: torch.Tensor | None = None  # the weights of the last batch's tokens (shifted labels)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.self_reference and self.args.should_save:
+            from safetensors.torch import save_model
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            save_model(self.reference_model, str(folder / "reference.safetensors"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.self_reference:
+            from safetensors.torch import load_model
+
+            path = Path(resume_from_checkpoint) / "reference.safetensors"
+            if not path.is_file():
+                raise ValueError(f"{resume_from_checkpoint} has no reference.safetensors: it was not saved by a "
+                                 "trainer with reference_model='self'")
+            load_model(self.reference_model, path, device=str(self.args.device))
 
     @property
     def _selecting(self) -> bool:
@@ -209,6 +264,12 @@ class SelectiveTrainer(Trainer):
             return torch.where(shifted_labels != IGNORE_INDEX, losses.half().float(), torch.nan)
         if self._ref_head is None:  # the same check as the learner's head, once
             self._ref_head = ref if head_is_linear(ref, inputs["input_ids"][:1, :32]) else False
+        packed = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "use_cache", "labels",
+                                                                "ref_loss")}
+        if packed:  # rows holding several sequences (position_ids, TRL's padding-free packing): read them whole
+            labels = torch.nn.functional.pad(shifted_labels, (0, 1), value=IGNORE_INDEX)
+            return reference_token_losses(ref, inputs["input_ids"], labels, self._ref_head or None,
+                                          extra=packed)[:, :-1]
         return reference_token_losses(ref, inputs["input_ids"][:, :-1], shifted_labels, self._ref_head or None)
 
     def _shifted(self, batch: dict):
@@ -244,9 +305,10 @@ class SelectiveTrainer(Trainer):
         return self._chunked_head
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        check_batch_fits(self.accelerator.unwrap_model(model), inputs["input_ids"])
+        positions = inputs.get("position_ids")
+        check_batch_fits(self.accelerator.unwrap_model(model), inputs["input_ids"], position_ids=positions)
         if self.reference_model is not None and not getattr(self.reference_model, "cross_tokenizer", False):
-            check_batch_fits(self.reference_model, inputs["input_ids"], "the reference model")
+            check_batch_fits(self.reference_model, inputs["input_ids"], "the reference model", positions)
         inputs = dict(inputs)
         labels, ref = self._shifted(inputs)
         inputs.pop("labels")
@@ -264,6 +326,8 @@ class SelectiveTrainer(Trainer):
             selection = select_from_token_loss(token_loss, labels, ref, self.ratio, self.score, rule=self.rule,
                                                rule_options=self.rule_options)
         self.selection_stats = selection.stats
+        self.last_selection = selection.weights.detach() if selection.weights is not None else \
+            selection.mask.detach().float()
         if num_items_in_batch is None:
             loss = selection.loss  # the mean over this micro-batch; Trainer divides by the accumulation steps
         else:
@@ -271,3 +335,22 @@ class SelectiveTrainer(Trainer):
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
         return (loss, outputs) if return_outputs else loss
+
+
+class _MoveSelfReference(TrainerCallback):
+    """After each optimizer step: the moving average takes a step towards the learner (reference_ema), or
+    every reference_update steps the reference becomes a copy of it."""
+
+    def __init__(self, trainer: SelectiveTrainer):
+        self.trainer = trainer
+
+    @torch.no_grad()
+    def on_step_end(self, args, state, control, **kwargs):
+        t = self.trainer
+        learner = t.accelerator.unwrap_model(t.model)
+        if t.reference_ema is not None:
+            for ref, p in zip(t.reference_model.parameters(), learner.parameters()):
+                ref.lerp_(p.detach().to(ref.dtype), 1.0 - t.reference_ema)
+        elif state.global_step % t.reference_update == 0:
+            for ref, p in zip(t.reference_model.parameters(), learner.parameters()):
+                ref.copy_(p.detach())
