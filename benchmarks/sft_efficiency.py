@@ -24,7 +24,9 @@ Every run starts from the base (pretrained on general text, its own seed) and tr
   self-evolving SLM with --reference self --reference-update N (a copy of the learner every N steps);
   static        `rho1 export --selection-scope dataset` (the base's excess loss against the trained reference,
                 ranked over the whole SFT set once, as Token Cleaning), trained on with `rho1 train --selection`;
-  random        SLM with --score random at --ratio.
+  random        SLM with --score random at --ratio;
+  (levers, with --methods) self-ema: --reference self --reference-ema 0.99; self-excess: --reference self
+                scored by the paper's excess loss (learner - reference) instead of ssToken's retrospective one.
 Token efficiency against full SFT on the held-out target loss (median, min, max over seeds), final losses,
 and the share of gold / right / wrong solution tokens each selection keeps. Answer accuracy is not measured:
 models of this size solve no GSM8K problem (real_data_efficiency.py found 0-1%), so it would be noise.
@@ -58,6 +60,7 @@ from rho1.train import train
 
 TARGET = "eval/heldout/target_loss"
 METHODS = ("full", "reference", "self", "self-evolving", "static", "random")
+EXTRA = ("self-ema", "self-excess")  # levers: --reference-ema 0.99; --reference self scored by the excess loss
 
 
 def gold_format(solution: str) -> str:
@@ -156,7 +159,9 @@ def run_seed(preset: str, seed: int, stores: dict, args, out: Path) -> dict:
                "self-evolving": dict(objective="slm", ratio=args.ratio, reference="self",
                                      reference_update=max(1, steps // args.rounds)),
                "static": dict(objective="clm", selection=str(export_dir)),
-               "random": dict(objective="slm", ratio=args.ratio, score="random")}
+               "random": dict(objective="slm", ratio=args.ratio, score="random"),
+               "self-ema": dict(objective="slm", ratio=args.ratio, reference="self", reference_ema=0.99),
+               "self-excess": dict(objective="slm", ratio=args.ratio, reference="self", score="excess")}
     summaries = {}
     for name in args.methods:
         summaries[name] = once(out / name, replace(run, **methods[name]))
@@ -208,7 +213,8 @@ def main() -> None:
     add_data_dir(parser)
     parser.add_argument("--presets", nargs="+", default=["small"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + EXTRA,
+                        help=f"default: {' '.join(METHODS)}; also {', '.join(EXTRA)}")
     parser.add_argument("--base-tokens", type=int, default=1_200_000, help="the base's pretraining on general text")
     parser.add_argument("--reference-tokens", type=int, default=800_000, help="the reference's SFT on the clean part "
                         "(about two passes over its 0.4M tokens)")
@@ -225,6 +231,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"], help="bf16 on a GPU")
     parser.add_argument("--out", default="runs/bench-sft")
+    parser.add_argument("--result", default="result.json", help="file under OUT the results go to (runs already "
+                        "finished under OUT are reused, so levers can be added to an earlier benchmark)")
     args = parser.parse_args()
     if "full" not in args.methods:
         raise SystemExit("--methods must include full: every method is measured against it")
@@ -246,12 +254,12 @@ def main() -> None:
             results.append(r)
             print(f"{preset}/seed {seed}: " + ", ".join(f"{m} {format_efficiency(e, r['reached'][m])}"
                                                         for m, e in r["efficiency"].items()), flush=True)
-            (out / "result.json").write_text(json.dumps({"counts": counts, "args": vars(args) | {
+            (out / args.result).write_text(json.dumps({"counts": counts, "args": vars(args) | {
                 "data_dir": str(data_dir)}, "runs": results}, indent=2, default=str))
         every[preset] = {"runs": results, "table": report(results, counts)}
-    (out / "result.json").write_text(json.dumps({"counts": counts, "args": vars(args) | {"data_dir": str(data_dir)},
+    (out / args.result).write_text(json.dumps({"counts": counts, "args": vars(args) | {"data_dir": str(data_dir)},
                                                  **every}, indent=2, default=str))
-    print(f"\n{out / 'result.json'}", file=sys.stderr)
+    print(f"\n{out / args.result}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -368,8 +368,9 @@ class SweepConfig:
     out: str = opt("runs/sweep", "sweep folder, one run per folder", short="-o")
     ratios: list[float] = opt(factory=lambda: [0.2, 0.4, 0.6, 0.8, 1.0], help="selection ratios of the excess-loss "
                               "runs")
-    score_functions: list[str] = opt(factory=lambda: list(SCORES), help="score functions compared at "
-                                     "--ablation-ratio (default: every registered one)", choices=_scores)
+    score_functions: list[str] = opt(factory=lambda: [s for s in SCORES if s != "retrospective"],
+                                     help="score functions compared at --ablation-ratio (default: every registered "
+                                     "one but retrospective, which is for --reference self)", choices=_scores)
     rules: list[str] = opt(factory=lambda: ["topk"], help="selection rules: topk at every ratio, each other rule "
                            "(with --temperature / --threshold) at --ablation-ratio", choices=_rules)
     ablation_ratio: float = opt(0.6, "the ratio score functions and rules are compared at (an excess-loss topk run "

@@ -108,6 +108,7 @@ def _export(cfg: ExportConfig, out: Path, progress: bool) -> dict:
     if cfg.seq_len is None:  # the scores' windows, as `rho1 eval` and `rho1 view` take them
         cfg.seq_len = ScoreStore.open(cfg.scores).seq_len if cfg.scores else 256
     store, scores = open_with_scores(cfg.data, cfg.scores, cfg.seq_len, "export")
+    trainable_mask(store, cfg.train_on)  # a store without target tokens: one sentence before the model loads
     model = load_model(cfg.model, cfg.trust_remote_code, dtype=compute_dtype(cfg.precision))
     check_model_fits(model, store, cfg.model)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()

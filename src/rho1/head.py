@@ -164,12 +164,13 @@ def token_losses(model, store: TokenStore, seq_len: int, batch_size: int = 16, w
 
 
 def reference_token_losses(model, input_ids, labels, head_of=None, autocast=contextlib.nullcontext, dtype=None,
-                           extra: dict | None = None):
+                           extra: dict | None = None, rounded: bool = True):
     """A reference model's loss of each label, as a ScoreStore holds it: NaN where there is no label,
     rounded to float16 like stored scores, so a reference run in the loop selects exactly what stored
     scores select."""
     losses = batch_token_losses(model, input_ids, labels, autocast, head_of, dtype, extra)
-    return torch.where(labels != IGNORE_INDEX, losses.half().float(), torch.nan)
+    # (``rounded=False``: the learner's own history, never stored, is compared with the learner at full precision)
+    return torch.where(labels != IGNORE_INDEX, losses.half().float() if rounded else losses, torch.nan)
 
 
 def chunked_head_supported(accelerator) -> bool:

@@ -186,10 +186,18 @@ class SelectiveTrainer(Trainer):
         self.reference_ema, self.reference_update, self.self_reference = reference_ema, int(reference_update), \
             self_reference
         if self_reference:
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                raise ValueError("reference_model='self' keeps a whole copy of the learner on each process (one "
+                                 "process or DDP), not under FSDP or DeepSpeed; pass a reference model or scores")
             reference_model = copy.deepcopy(self.accelerator.unwrap_model(self.model))
-            reference_model.__dict__.pop("forward", None)  # a forward patched on the learner (TRL) calls the learner
+            for module in reference_model.modules():  # a forward patched on the learner (TRL, under PEFT too)
+                module.__dict__.pop("forward", None)  # would still call the learner's own
             if reference_ema is not None or reference_update:
                 self.add_callback(_MoveSelfReference(self))
+        elif isinstance(reference_model, (str, Path)):
+            from rho1.model import load_model
+
+            reference_model = load_model(str(reference_model))
         check_rule_options(rule, temperature, threshold)
         self.rule, self.rule_options = rule, {"temperature": temperature, "threshold": threshold}
         if loss_impl not in ("auto", "logits"):
@@ -269,8 +277,9 @@ class SelectiveTrainer(Trainer):
         if packed:  # rows holding several sequences (position_ids, TRL's padding-free packing): read them whole
             labels = torch.nn.functional.pad(shifted_labels, (0, 1), value=IGNORE_INDEX)
             return reference_token_losses(ref, inputs["input_ids"], labels, self._ref_head or None,
-                                          extra=packed)[:, :-1]
-        return reference_token_losses(ref, inputs["input_ids"][:, :-1], shifted_labels, self._ref_head or None)
+                                          extra=packed, rounded=not self.self_reference)[:, :-1]
+        return reference_token_losses(ref, inputs["input_ids"][:, :-1], shifted_labels, self._ref_head or None,
+                                      rounded=not self.self_reference)
 
     def _shifted(self, batch: dict):
         labels = batch["labels"][:, 1:]

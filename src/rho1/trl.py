@@ -13,7 +13,8 @@ ranks only the tokens left: a prompt token is never selected. Reference losses c
 ``reference_model`` (a model run under ``no_grad``, or ``"self"``: the learner's own starting weights,
 moved by ``reference_ema`` or ``reference_update``), or from a ScoreStore with
 ``data_collator=SelectiveCollator(tokenizer, scores=...)`` over ``rho1.hf.windows_dataset(store, seq_len,
-train_on="target")`` (packing does not apply there: the windows are already fixed). See
+train_on="target")`` and ``SFTConfig(dataset_kwargs={"skip_prepare_dataset": True})`` (the windows are
+already tokenized, masked and fixed: packing does not apply). See
 ``rho1.hf.SelectiveTrainer`` for the options and how the loss is normalised.
 """
 

@@ -77,6 +77,15 @@ def test_selective_sft_trainer_never_selects_a_prompt_token(sft_setup, tmp_path,
         n_trainable, n_kept = int(trainable.sum()), int((kept > 0).sum())
         assert 0 < n_kept < n_trainable  # the selection kept about half of the completion tokens
         assert n_kept == pytest.approx(0.5 * n_trainable, abs=2)
+    # the reference is its own model: the learner's weights after step 2 (reference_update=2), not the learner's now
+    from rho1.head import reference_token_losses
+
+    ids = record.seen[-1][2][:1, :64]
+    labels = ids[:, 1:]
+    with torch.no_grad():
+        ref = reference_token_losses(trainer.reference_model, ids[:, :-1], labels, rounded=False)
+        now = reference_token_losses(trainer.accelerator.unwrap_model(trainer.model), ids[:, :-1], labels, rounded=False)
+    assert not torch.allclose(ref, now, atol=1e-4)
     # and every label inside a prompt ("Question: ...\nAnswer:", found in the decoded rows) is -100
     checked = 0
     for labels, _, input_ids in record.seen:
@@ -146,7 +155,8 @@ def test_self_reference_is_saved_with_each_checkpoint_and_restored(sft_setup, tm
     at2 = load_file(tmp_path / "whole" / "out" / "checkpoint-2" / "reference.safetensors")
     at4 = load_file(tmp_path / "whole" / "out" / "checkpoint-4" / "reference.safetensors")
     start = load_file(sft_setup[0] / "model" / "model.safetensors")
-    assert any(not torch.equal(at2[k], start[k]) for k in at2.keys() & start.keys()) and any(not torch.equal(at2[k], at4[k]) for k in at2)
+    assert any(not torch.equal(at2[k], start[k]) for k in at2.keys() & start.keys())
+    assert any(not torch.equal(at2[k], at4[k]) for k in at2)
     import shutil
 
     shutil.copytree(tmp_path / "whole" / "out" / "checkpoint-2", tmp_path / "resumed" / "out" / "checkpoint-2")
@@ -156,3 +166,25 @@ def test_self_reference_is_saved_with_each_checkpoint_and_restored(sft_setup, tm
         assert torch.allclose(a, b, atol=1e-6), name
     for (name, a), b in zip(whole.reference_model.state_dict().items(), resumed.reference_model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_self_reference_under_trl_is_the_starting_model_not_the_learner(sft_setup, tmp_path):
+    """TRL patches the learner's forward; the copy must not call it: after training, the reference's losses are
+    the starting model's, and the learner's differ."""
+    from transformers import AutoModelForCausalLM
+
+    from rho1.head import reference_token_losses
+
+    d, tokenizer, ds = sft_setup
+    trainer = _trainer(sft_setup, tmp_path, False, reference_model="self", ratio=0.5)
+    trainer.train()
+    start = AutoModelForCausalLM.from_pretrained(d / "model").eval()
+    ids = torch.tensor([tokenizer(ds[0]["prompt"] + ds[0]["completion"])["input_ids"][:64]])
+    labels = ids[:, 1:]
+    with torch.no_grad():
+        ref = reference_token_losses(trainer.reference_model, ids[:, :-1], labels, rounded=False)
+        first = reference_token_losses(start, ids[:, :-1], labels, rounded=False)
+        learner = reference_token_losses(trainer.accelerator.unwrap_model(trainer.model).eval(), ids[:, :-1], labels,
+                                         rounded=False)
+    assert torch.allclose(ref, first, atol=1e-5)
+    assert not torch.allclose(ref, learner, atol=1e-3)

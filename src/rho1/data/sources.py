@@ -36,8 +36,16 @@ def chat_renderer(tokenizer, field: str):
                          "has none; pass --tokenizer with a chat model's tokenizer (or set its chat_template), or "
                          "format the records with --template")
 
-    def render(messages, **kw) -> str:
-        return tokenizer.apply_chat_template(messages, tokenize=False, **kw)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("--chat-field finds the assistant turns through a fast tokenizer's character offsets, and "
+                         "this tokenizer is a slow (Python) one; pass a tokenizer with a tokenizer.json")
+
+    def render(messages, where: str = "", **kw) -> str:
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, **kw)
+        except Exception as err:  # jinja2's TemplateError, raise_exception() of a template (roles must alternate...)
+            raise ValueError(f"{where}: the chat template refused this conversation ({' '.join(str(err).split())[:200]}"
+                             "); fix the record or use another template") from None
 
     def document(record: dict, where: str) -> Document:
         if field not in record:
@@ -48,12 +56,12 @@ def chat_renderer(tokenizer, field: str):
                 for m in messages):
             raise ValueError(f"{where} field {field!r} must be a list of messages, each {{\"role\": ..., "
                              "\"content\": \"text\"}")
-        text, spans = render(messages), []
+        text, spans = render(messages, where), []
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            before = render(messages[:i], add_generation_prompt=True) if i else ""
-            through = render(messages[: i + 1])
+            through = render(messages[: i + 1], where)
+            before = render(messages[:i], where, add_generation_prompt=True) if i else _opening(through)
             if not (text.startswith(through) and through.startswith(before)):
                 raise ValueError(f"{where}: the chat template does not write this conversation turn by turn (the "
                                  "text up to an assistant turn changes once later turns follow, as templates that "
@@ -61,6 +69,15 @@ def chat_renderer(tokenizer, field: str):
                                  "template or one conversation per turn")
             spans.append((len(before), len(through)))
         return Document(text, target_spans=spans)
+
+    def _opening(through: str) -> str:
+        """What the template writes before an opening assistant turn (a BOS, a default system prompt, the
+        turn's header): the empty conversation's generation prompt, when the turn starts with it."""
+        try:
+            opening = render([], add_generation_prompt=True)
+        except ValueError:
+            return ""
+        return opening if through.startswith(opening) else ""
 
     return document
 

@@ -62,6 +62,9 @@ def evaluate_model(cfg: EvalConfig, progress: bool = True) -> dict:
     if cfg.threads:
         set_threads(cfg.threads)  # leaves torch alone when it already uses that many
     stores = [TokenStore.open(p).verify() for p in cfg.data]
+    if cfg.train_on == "target":  # one sentence before any model is loaded
+        for store in stores:
+            trainable_mask(store, "target")
     scores = [ScoreStore.open(s, st).verify() if s else None for s, st in zip(cfg.scores or [""] * len(stores), stores)]
     seq_len = cfg.seq_len or next((s.seq_len for s in scores if s is not None), 256)
     for s in scores:
@@ -85,7 +88,7 @@ def evaluate_model(cfg: EvalConfig, progress: bool = True) -> dict:
         losses = token_losses(model, store, seq_len, cfg.batch_size, progress=progress, desc=store.path.name,
                               head_of=linear_head_of(model, store, seq_len))
         if cfg.train_on == "target":  # only the target tokens count, for the loss and the selected split
-            losses = np.where(trainable_mask(store, "target") > 0, losses, np.nan)
+            losses = np.where(np.asarray(store.target_mask) > 0, losses, np.nan)
         ref = None if score_store is None else np.asarray(score_store.scores, np.float32)
         selected = None if ref is None else fixed_selection(losses, ref, cfg.ratio)
         results[Path(store.path).name] = summarize(losses, store, ref, selected)

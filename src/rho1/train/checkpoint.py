@@ -10,6 +10,7 @@ or a full disk leaves the previous one intact.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -66,7 +67,7 @@ def check_run_folder(out: Path, resume: bool) -> Path | None:
 CHANGEABLE_ON_RESUME = ("threads", "log_every", "eval_every", "eval_max_windows", "save_every", "keep_last", "resume",
                         "skip_nonfinite", "out", "gradient_checkpointing", "torch_compile", "attn_implementation",
                         "report_to", "peak_flops")
-PATH_OPTIONS = ("data", "scores", "reference", "model", "eval_data", "eval_scores")
+PATH_OPTIONS = ("data", "scores", "reference", "model", "eval_data", "eval_scores", "selection")
 
 
 def _as_written(name: str, value):
@@ -80,7 +81,7 @@ def _as_written(name: str, value):
 
 
 def check_same_recipe(out: Path, cfg, state: dict, store_hash: str, scores_hash: str | None,
-                      tokens_per_step: int | None = None) -> None:
+                      tokens_per_step: int | None = None, selection_hash: str | None = None) -> None:
     """A resumed run must be the run that was started: every option that changes what it computes (and the
     data, by content) as written in RUN/config.yaml and the checkpoint, or one sentence naming each change."""
     import yaml
@@ -92,12 +93,15 @@ def check_same_recipe(out: Path, cfg, state: dict, store_hash: str, scores_hash:
         raise ValueError(f"{path} is not valid YAML (edited by hand?); restore it to resume the run") from None
     changes = []
     unused = {"temperature": cfg.rule != "soft", "threshold": cfg.rule != "threshold"}  # options of other rules
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
     for name, value in vars(cfg).items():
-        if not isinstance(old, dict) or name in CHANGEABLE_ON_RESUME or name not in old or unused.get(name):
+        # an option newer than the run's config.yaml was at its default when the run started
+        if not isinstance(old, dict) or name in CHANGEABLE_ON_RESUME or unused.get(name) or (
+                name not in old and name not in defaults):
             continue
-        before, now = _as_written(name, old[name]), _as_written(name, value)
+        before, now = _as_written(name, old.get(name, defaults.get(name))), _as_written(name, value)
         if before != now:
-            changes.append(f"--{name.replace('_', '-')} {old[name]!r} -> {value!r}")
+            changes.append(f"--{name.replace('_', '-')} {old.get(name, defaults.get(name))!r} -> {value!r}")
     if state.get("token_store_hash") not in (None, store_hash):
         changes.append(f"the TokenStore's content (hash {state['token_store_hash']} -> {store_hash}: rebuilt since)")
     if state.get("tokens_per_step") not in (None, tokens_per_step):
@@ -105,6 +109,8 @@ def check_same_recipe(out: Path, cfg, state: dict, store_hash: str, scores_hash:
                        "processes; resume with the process count the run started with)")
     if state.get("scores_hash") not in (None, scores_hash):
         changes.append("the ScoreStore's content (rescored since)")
+    if state.get("selection_hash") not in (None, selection_hash):
+        changes.append("the export of --selection (exported again since)")
     if not changes:
         return
     how = ("; a run's length cannot change in place (the learning-rate schedule is set by --max-tokens): to train "

@@ -160,11 +160,18 @@ class Run:
         return {"step": self.step, "tokens": self.tokens, "next_eval": self.next_eval, "next_save": self.next_save,
                 "objective": self.cfg.objective, "ratio": self.ratio, "token_store_hash": self.store.hash,
                 "tokens_per_step": self.tokens_per_step,
-                "scores_hash": scores_hash(self.scores)}
+                "scores_hash": scores_hash(self.scores), "selection_hash": selection_hash(self.cfg.selection)}
 
 
 def scores_hash(scores: ScoreStore | None) -> str | None:
     return None if scores is None else (scores.manifest.get("sha256") or {}).get("scores.bin")
+
+
+def selection_hash(export: str | None) -> str | None:
+    """An export's identity: its manifest names the store, scores, model, rule and ratio it was made with."""
+    from rho1.data.store import sha256_file
+
+    return None if not export else sha256_file(Path(export) / "manifest.json")
 
 
 def _learner(cfg: TrainConfig, store: TokenStore, tokenizer):
@@ -221,10 +228,10 @@ def _reference(cfg: TrainConfig, store: TokenStore, accelerator, learner) -> tup
     if cfg.reference == "self":
         from accelerate import DistributedType
 
-        if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU,
-                                                DistributedType.MULTI_GPU):
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED,
+                                            DistributedType.MEGATRON_LM):
             raise ValueError("--reference self keeps a whole copy of the learner on each process, which runs on one "
-                             "process or under DDP; it is not supported under FSDP or DeepSpeed: score with a "
+                             f"process or under DDP, not under {accelerator.distributed_type.value}: score with a "
                              "reference (`rho1 score`) instead")
         model = copy.deepcopy(learner).to(accelerator.device).eval().requires_grad_(False)
         return model, linear_head_of(model, store, cfg.seq_len)
@@ -263,7 +270,8 @@ def _setup(cfg: TrainConfig, accelerator, held: contextlib.ExitStack, progress: 
     state = read_training_state(resume_from) if resume_from is not None else None
     if state is not None:
         check_same_recipe(out, cfg, state, store.hash, scores_hash(scores),
-                          cfg.batch_size * cfg.grad_accum * accelerator.num_processes * cfg.seq_len)
+                          cfg.batch_size * cfg.grad_accum * accelerator.num_processes * cfg.seq_len,
+                          selection_hash(cfg.selection))
     keep = trainable_mask(store, cfg.train_on, cfg.selection, cfg.seq_len)
     tokenizer = store.tokenizer()
     model = _learner(cfg, store, tokenizer)
@@ -322,6 +330,15 @@ def start_line(run: Run) -> str:
     line = (f"train {run.name}: {run.total_steps:,} steps of {run.tokens_per_step:,} tokens = {total:,} tokens"
             f"{rounded}; {run.parameters / 1e6:.2f}M parameters in {weights}{mixed}, saved in {saved}; loss from "
             f"{'the head input in chunks' if run.chunked_head else 'full logits'}; {where}")
+    if cfg.train_on == "target":
+        line += "\ntrain: the loss is on the target tokens only (--train-on target): no prompt token is trained on"
+    if cfg.selection:
+        line += f"\ntrain: on the tokens {cfg.selection} labelled (a static selection of `rho1 export`)"
+    if cfg.reference == "self":
+        how = (f"a moving average of its weights (decay {cfg.reference_ema:g})" if cfg.reference_ema is not None else
+               f"a copy of it renewed every {cfg.reference_update} steps" if cfg.reference_update else
+               "its starting weights")
+        line += f"\ntrain: the reference is the learner itself, {how}; --score {cfg.score}"
     if dropout:
         line += (f"\ntrain: the model trains with dropout ({', '.join(f'{k} {v:g}' for k, v in dropout.items())}), so "
                  "its losses, and which tokens are selected, vary from step to step; set them to 0 in its config.json "
@@ -340,7 +357,7 @@ def step_batches(run: Run, step: int) -> list:
         ref_model, ref_head = run.reference
         for batch in micro:
             batch.ref_loss = reference_token_losses(ref_model, batch.input_ids, batch.labels, ref_head, acc.autocast,
-                                                    compute_dtype(cfg.precision))
+                                                    compute_dtype(cfg.precision), rounded=cfg.reference != "self")
     return micro
 
 
@@ -561,7 +578,11 @@ class EmptySelection:
         cfg = run.cfg
         what = f"no token was selected in {self.steps} steps in a row (up to step {run.step})"
         seen = f"scores seen from {self.low:.4g} to {self.high:.4g}" if self.low <= self.high else ""
-        if self.valid == 0:
+        if self.valid == 0 and (cfg.train_on == "target" or cfg.selection):
+            why = ("no window of these steps holds a token that " + ("--selection " + cfg.selection + " labelled"
+                   if cfg.selection else "--train-on target keeps (an answer token)") + "; check that the store's "
+                   "target tokens (or the export's labels) are there, or use --train-on all")
+        elif self.valid == 0:
             why = ("no token has a finite reference loss (every score is NaN): rescore --data with `rho1 score`, or "
                    "check that --scores was made from it")
         elif not seen:
