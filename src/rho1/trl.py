@@ -12,9 +12,10 @@ Everything TRL does to the data stays as it is: chat templates, prompt-completio
 ranks only the tokens left: a prompt token is never selected. Reference losses come from
 ``reference_model`` (a model run under ``no_grad``, or ``"self"``: the learner's own starting weights,
 moved by ``reference_ema`` or ``reference_update``), or from a ScoreStore with
-``data_collator=SelectiveCollator(tokenizer, scores=...)`` over ``rho1.hf.windows_dataset(store, seq_len,
-train_on="target")`` and ``SFTConfig(dataset_kwargs={"skip_prepare_dataset": True})`` (the windows are
-already tokenized, masked and fixed: packing does not apply). See
+``data_collator=SelectiveCollator(tokenizer, scores=...)`` over the scored store's windows,
+``datasets.Dataset.from_list(list(rho1.hf.windows_dataset(store, seq_len, "target")))``, with
+``SFTConfig(dataset_kwargs={"skip_prepare_dataset": True})`` (the windows are already tokenized, masked and
+fixed: packing does not apply; tested). See
 ``rho1.hf.SelectiveTrainer`` for the options and how the loss is normalised.
 """
 

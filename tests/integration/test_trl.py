@@ -188,3 +188,36 @@ def test_self_reference_under_trl_is_the_starting_model_not_the_learner(sft_setu
                                          rounded=False)
     assert torch.allclose(ref, first, atol=1e-5)
     assert not torch.allclose(ref, learner, atol=1e-3)
+
+
+def test_selective_sft_trainer_with_a_score_store_over_store_windows(stores, sft_setup, tmp_path):
+    """Stored reference losses: the windows of the scored store (their answer tokens as labels), looked up by the
+    collator; TRL leaves the already tokenized windows as they are."""
+    import datasets
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig
+
+    from rho1.data.store import ScoreStore
+    from rho1.hf import SelectiveCollator, windows_dataset
+    from rho1.score import ScoreConfig, score
+    from rho1.trl import SelectiveSFTTrainer
+
+    d, tokenizer, _ = sft_setup
+    store = stores["reference"]
+    scores = score(ScoreConfig(str(store.path), str(d / "model"), str(tmp_path / "scores"), 64, train_on="target"),
+                   progress=False)
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                     use_cpu=True, save_strategy="no", dataset_kwargs={"skip_prepare_dataset": True})
+    trainer = SelectiveSFTTrainer(model=AutoModelForCausalLM.from_pretrained(d / "model"), args=args,
+                                  train_dataset=datasets.Dataset.from_list(list(windows_dataset(store, 64, "target"))),
+                                  processing_class=tokenizer,
+                                  data_collator=SelectiveCollator(tokenizer, scores=ScoreStore.open(scores.path, store)),
+                                  ratio=0.5)
+    record = Recording(trainer)
+    trainer.train()
+    target = np.asarray(store.target_mask) > 0
+    for labels, kept, _ in record.seen:
+        assert (kept[labels == IGNORE_INDEX] == 0).all() and (kept > 0).sum() > 0
+    assert trainer.selection_stats["frac_selected"] == pytest.approx(0.5, abs=0.02)
+    example = windows_dataset(store, 64, train_on="target")[0]
+    assert all((label == IGNORE_INDEX) != bool(target[i]) for i, label in enumerate(example["labels"]))
