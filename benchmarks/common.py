@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import time
 from pathlib import Path
 
 import transformers
@@ -29,6 +30,18 @@ def web_store(out: Path, n_web: int) -> TokenStore:
     files = demo.generate(out / "data", n_reference=10, n_web=n_web, n_heldout=1, n_offtarget=1)
     return prepare(PrepareConfig([str(files["web"])], str(out / "web"), train_tokenizer=2048, text_field="text"),
                    progress=False)
+
+
+class StageTimes(dict):
+    """Seconds of each stage of a benchmark: ``stage("base")`` records the time since the previous stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.start = time.time()
+
+    def __call__(self, name: str) -> None:
+        self[name] = round(time.time() - self.start, 1)
+        self.start = time.time()
 
 
 # what a --data-dir must hold, relative to it

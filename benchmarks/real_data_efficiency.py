@@ -34,12 +34,11 @@ import random
 import statistics
 import sys
 import sysconfig
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from common import add_data_dir, check_data_dir
+from common import StageTimes, add_data_dir, check_data_dir
 from static_selection import static_run
 
 from rho1.config import TrainConfig
@@ -177,13 +176,7 @@ def parse_lever(text: str) -> dict:
 
 def run_setting(setting: str, preset: str, seed: int, stores: dict, files: dict, args, out: Path,
                 levers: list[str]) -> dict:
-    times, start = {}, time.time()
-
-    def stage(name):
-        nonlocal start
-        times[name] = round(time.time() - start, 1)
-        start = time.time()
-
+    times = stage = StageTimes()
     common = TrainConfig(model_preset=preset, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, seed=seed,
                          log_every=10, threads=args.threads, precision=args.precision)
     if setting == "B":

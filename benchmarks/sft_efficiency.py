@@ -41,12 +41,11 @@ import re
 import statistics
 import sys
 import sysconfig
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from common import add_data_dir, check_data_dir
+from common import StageTimes, add_data_dir, check_data_dir
 from real_data_efficiency import SOLVERS, _jsonl, _passages, _source_code, _write, selected_shares
 
 from rho1.config import ExportConfig, TrainConfig
@@ -116,13 +115,7 @@ def static_shares(export_dir: Path, store: TokenStore, seq_len: int) -> dict:
 
 
 def run_seed(preset: str, seed: int, stores: dict, args, out: Path) -> dict:
-    times, start = {}, time.time()
-
-    def stage(name):
-        nonlocal start
-        times[name] = round(time.time() - start, 1)
-        start = time.time()
-
+    times = stage = StageTimes()
     common = TrainConfig(model_preset=preset, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, seed=seed,
                          log_every=10, threads=args.threads, precision=args.precision)
 
