@@ -191,8 +191,10 @@ def report(results: list[dict], counts: dict) -> dict:
                     **({} if eff is None else {"median": statistics.median(eff), "min": min(eff), "max": max(eff),
                                                "per_seed": [format_efficiency(r["efficiency"][m], r["reached"][m])
                                                             for r in results]})}
-        effs = "1.00x (baseline)" if eff is None else (f"{statistics.median(eff):.2f}x ({min(eff):.2f}-{max(eff):.2f}); "
-                                                       + ", ".join(table[m]["per_seed"]))
+        # "<": some seed never reached full SFT's final loss, so its ratio is only an upper bound
+        bound = "" if eff is None or all(r["reached"][m] for r in results) else "< "
+        effs = "1.00x (baseline)" if eff is None else (f"{bound}{statistics.median(eff):.2f}x ({min(eff):.2f}-"
+                                                       f"{max(eff):.2f}); " + ", ".join(table[m]["per_seed"]))
         kept = "all" if shares is None else " / ".join(f"{v:.0%}" for v in shares.values())
         print(f"{m:<14} {effs:<42} {losses:<22.4f} {kept}")
     for r in results:
