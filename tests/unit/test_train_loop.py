@@ -26,16 +26,30 @@ def test_a_note_when_the_model_ends_better_than_the_reference_on_the_target():
 
 
 def test_resume_with_another_number_of_processes_is_refused(tmp_path):
+    from dataclasses import asdict
+
     import pytest
+    import yaml
 
     from rho1.config import TrainConfig
     from rho1.train.checkpoint import check_same_recipe
 
     cfg = TrainConfig(data="store", out=str(tmp_path))
-    (tmp_path / "config.yaml").write_text("ratio: 0.6\n")
+    written = asdict(cfg)  # RUN/config.yaml holds every option of the version that started the run
+
+    def config(**changes):
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump({**written, **changes}))
+
+    config()
     check_same_recipe(tmp_path, cfg, {"tokens_per_step": 4096}, "h", None, 4096)
     with pytest.raises(ValueError, match=r"the tokens per step \(4,096 -> 8,192: another number of processes"):
         check_same_recipe(tmp_path, cfg, {"tokens_per_step": 4096}, "h", None, 8192)
     # the options of a rule the run does not use may change (topk reads neither)
-    (tmp_path / "config.yaml").write_text("threshold: 0.5\ntemperature: 0.1\n")
+    config(threshold=0.5, temperature=0.1)
     check_same_recipe(tmp_path, cfg, {}, "h", None, 4096)
+    # an option newer than the run's config.yaml was at its default when the run started
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in written.items() if k != "train_on"}))
+    check_same_recipe(tmp_path, cfg, {}, "h", None, 4096)
+    target = TrainConfig(data="store", out=str(tmp_path), train_on="target")
+    with pytest.raises(ValueError, match="--train-on 'all' -> 'target'"):
+        check_same_recipe(tmp_path, target, {}, "h", None, 4096)
