@@ -208,7 +208,7 @@ def kept_positions(path: str | Path, store: TokenStore, seq_len: int | None) -> 
     manifest = read_json(path / "manifest.json", how) if (path / "manifest.json").is_file() else None
     if manifest is None or manifest.get("format") != EXPORT_FORMAT:
         raise ValueError(f"--selection {path} is not an export of `rho1 export` (no manifest.json of format "
-                         f"{EXPORT_FORMAT}); {how}")
+                         f"{EXPORT_FORMAT}); pass the --out folder of `rho1 export`")
     if manifest["token_store_hash"] != store.hash:
         raise ValueError(f"--selection {path} was made from another TokenStore ({manifest['token_store']}), not "
                          f"{store.path}; pass that store as --data, or export this one")
