@@ -45,6 +45,21 @@ def check_rule_options(rule: str, temperature: float, threshold: float) -> None:
         raise ValueError(f"--threshold must be a finite number of nats, got {threshold}")
 
 
+def check_self_reference(is_self: bool, ema: float | None, every: int, cli: bool = True) -> None:
+    """The options that move a self reference (a moving average, or a copy every N steps), as `rho1 train` spells
+    them (``cli``) or as ``SelectiveTrainer`` takes them."""
+    ema_name, every_name, self_name = (("--reference-ema", "--reference-update", "--reference self") if cli else
+                                       ("reference_ema", "reference_update", "reference_model='self'"))
+    if not is_self and (ema is not None or every):
+        raise ValueError(f"{ema_name} and {every_name} apply to {self_name}; pass it or drop them")
+    if ema is not None and not 0 < ema < 1:
+        raise ValueError(f"{ema_name} must be a decay in (0, 1), e.g. 0.99, got {ema}")
+    if ema is not None and every:
+        raise ValueError(f"pass one of {ema_name} (a moving average) and {every_name} (a copy every N steps), not both")
+    if every is not None and every < 0:
+        raise ValueError(f"{every_name} must be 0 or more, got {every}")
+
+
 def _rules():
     from rho1.selection.rules import RULES
 

@@ -13,7 +13,14 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
-from rho1.checks import check_choice, check_positive, check_ratio, check_rule_options, check_seq_len  # noqa: F401
+from rho1.checks import (  # noqa: F401
+    check_choice,
+    check_positive,
+    check_ratio,
+    check_rule_options,
+    check_self_reference,
+    check_seq_len,
+)
 from rho1.selection.rules import RULES
 from rho1.selection.scores import SCORES
 
@@ -250,19 +257,9 @@ class TrainConfig:
             raise ValueError("--selection is a static selection made by `rho1 export`; drop --scores and --reference")
 
     def _check_self_reference(self) -> None:
-        if self.reference != "self":
-            if self.reference_ema is not None or self.reference_update:
-                raise ValueError("--reference-ema and --reference-update apply to --reference self; pass it or drop "
-                                 "them")
-            return
-        if self.cross_tokenizer:
+        check_self_reference(self.reference == "self", self.reference_ema, self.reference_update)
+        if self.reference == "self" and self.cross_tokenizer:
             raise ValueError("--reference self is the learner itself, with its own tokenizer; drop --cross-tokenizer")
-        if self.reference_ema is not None and not 0 < self.reference_ema < 1:
-            raise ValueError(f"--reference-ema must be a decay in (0, 1), e.g. 0.99, got {self.reference_ema}")
-        if self.reference_ema is not None and self.reference_update:
-            raise ValueError("pass one of --reference-ema DECAY (a moving average) and --reference-update N (a copy "
-                             "every N steps), not both")
-        check_positive(self, "reference_update", allow_zero=("reference_update",))
 
     @property
     def rule_options(self) -> dict:

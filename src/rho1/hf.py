@@ -26,11 +26,11 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from rho1.align import CrossTokenizerReference
-from rho1.checks import check_rule_options
+from rho1.checks import check_rule_options, check_self_reference
 from rho1.data.loader import IGNORE_INDEX, trainable_mask
 from rho1.data.store import ScoreStore, TokenStore
 from rho1.head import chunked_head_supported, forward_selection, head_is_linear, reference_token_losses
-from rho1.model import position_limit
+from rho1.model import advance_reference, position_limit
 from rho1.selection import (
     check_ratio,
     check_score,
@@ -176,13 +176,7 @@ class SelectiveTrainer(Trainer):
         if score is None:
             score = "retrospective" if self_reference else "excess"
         self.ratio, self.score = check_ratio(ratio), check_score(score)
-        if not self_reference and (reference_ema is not None or reference_update):
-            raise ValueError("reference_ema and reference_update move a reference_model='self'; pass it or drop them")
-        if reference_ema is not None and not 0 < reference_ema < 1:
-            raise ValueError(f"reference_ema must be a decay in (0, 1), e.g. 0.99, got {reference_ema}")
-        if reference_ema is not None and reference_update:
-            raise ValueError("pass one of reference_ema (a moving average) and reference_update (a copy every N "
-                             "steps), not both")
+        check_self_reference(self_reference, reference_ema, reference_update, cli=False)
         self.reference_ema, self.reference_update, self.self_reference = reference_ema, int(reference_update), \
             self_reference
         if self_reference:
@@ -353,13 +347,7 @@ class _MoveSelfReference(TrainerCallback):
     def __init__(self, trainer: SelectiveTrainer):
         self.trainer = trainer
 
-    @torch.no_grad()
     def on_step_end(self, args, state, control, **kwargs):
         t = self.trainer
-        learner = t.accelerator.unwrap_model(t.model)
-        if t.reference_ema is not None:
-            for ref, p in zip(t.reference_model.parameters(), learner.parameters()):
-                ref.lerp_(p.detach().to(ref.dtype), 1.0 - t.reference_ema)
-        elif state.global_step % t.reference_update == 0:
-            for ref, p in zip(t.reference_model.parameters(), learner.parameters()):
-                ref.copy_(p.detach())
+        advance_reference(t.reference_model, t.accelerator.unwrap_model(t.model), state.global_step, t.reference_ema,
+                          t.reference_update)

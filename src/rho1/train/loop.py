@@ -28,7 +28,15 @@ from rho1.data.loader import WindowOrder, make_batch, trainable_mask
 from rho1.data.store import ScoreStore, TokenStore, check_writable, open_with_scores, read_jsonl
 from rho1.head import chunked_head_supported, forward_selection, linear_head_of, reference_token_losses
 from rho1.lock import check_not_inside
-from rho1.model import build_model, check_model_fits, check_positions, dropout_of, load_model, stored_dtype
+from rho1.model import (
+    advance_reference,
+    build_model,
+    check_model_fits,
+    check_positions,
+    dropout_of,
+    load_model,
+    stored_dtype,
+)
 from rho1.progress import progress_bar
 from rho1.selection import (
     Selection,
@@ -516,20 +524,6 @@ class LogWindow:
         return record
 
 
-@torch.no_grad()
-def advance_self_reference(run: Run) -> None:
-    """After optimizer step ``run.step``: the moving average (--reference-ema) takes a step towards the
-    learner, or every --reference-update steps the reference becomes a copy of it."""
-    cfg, reference = run.cfg, run.reference[0]
-    learner = run.accelerator.unwrap_model(run.model)
-    if cfg.reference_ema is not None:
-        for ref, p in zip(reference.parameters(), learner.parameters()):
-            ref.lerp_(p.detach().to(ref.dtype), 1.0 - cfg.reference_ema)
-    elif cfg.reference_update and run.step % cfg.reference_update == 0:
-        for ref, p in zip(reference.parameters(), learner.parameters()):
-            ref.copy_(p.detach())
-
-
 def evaluate(run: Run) -> dict:
     if not run.evaluator.stores:
         return {}
@@ -629,7 +623,8 @@ def _fit(run: Run, progress: bool) -> dict:
                 window.add(result, seconds)
             run.step, run.tokens = step + 1, run.tokens + run.tokens_per_step
             if cfg.reference == "self":
-                advance_self_reference(run)
+                advance_reference(run.reference[0], acc.unwrap_model(run.model), run.step, cfg.reference_ema,
+                                  cfg.reference_update)
             bar.update(run.tokens_per_step)
             empty.add(result)
             if empty.steps >= min(EMPTY_STEPS, run.total_steps):
