@@ -325,6 +325,7 @@ class EvalConfig:
     limit: int = opt(0, "evaluate the first N problems (0: all)")
     max_new_tokens: int = opt(256, "generation length")
     generations: str | None = opt(None, "JSONL to write every prompt, generation, extracted and gold answer to")
+    out: str | None = opt(None, "JSON file to write the results to (they are printed either way)", short="-o")
     ratio: float = opt(0.6, "fraction of tokens counted as selected")
     train_on: str = opt("all", "all: every token; target: only the target tokens count (loss and the selected "
                         "split)", choices=TRAIN_ON)

@@ -184,6 +184,8 @@ class SelectiveTrainer(Trainer):
                 raise ValueError("reference_model='self' keeps a whole copy of the learner on each process (one "
                                  "process or DDP), not under FSDP or DeepSpeed; pass a reference model or scores")
             reference_model = copy.deepcopy(self.accelerator.unwrap_model(self.model))
+            if reference_ema is not None:  # as `rho1 train`: a moving average in bf16/fp16 would round small steps away
+                reference_model.float()
             for module in reference_model.modules():  # a forward patched on the learner (TRL, under PEFT too)
                 module.__dict__.pop("forward", None)  # would still call the learner's own
             if reference_ema is not None or reference_update:
@@ -215,17 +217,29 @@ class SelectiveTrainer(Trainer):
         if reference_model is not None:
             reference_model.to(self.args.device).eval().requires_grad_(False)
         self._ref_head = None
+        self._batch_checked = False
         self.selection_stats: dict = {}
         self.last_selection: torch.Tensor | None = None  # the weights of the last batch's tokens (shifted labels)
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.self_reference and self.args.should_save:
-            from safetensors.torch import save_model
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+    def train(self, *args, **kwargs):
+        """Trainer.train, holding the write lock of ``output_dir`` (one writer per folder, as `rho1 train`)."""
+        import contextlib
 
-            folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            save_model(self.reference_model, str(folder / "reference.safetensors"))
+        from rho1.accel import hold_job_lock
+
+        with contextlib.ExitStack() as held:
+            if self.args.output_dir:
+                hold_job_lock(held, self.accelerator, self.args.output_dir, type(self).__name__)
+            return super().train(*args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """A checkpoint's model, and with a self reference its weights beside them: written before Trainer marks
+        the checkpoint complete (trainer_state.json) and rotates older ones away."""
+        super().save_model(output_dir, _internal_call)
+        if self.self_reference and _internal_call and self.args.should_save:
+            from safetensors.torch import save_model
+
+            save_model(self.reference_model, str(Path(output_dir or self.args.output_dir) / "reference.safetensors"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -308,10 +322,13 @@ class SelectiveTrainer(Trainer):
         return self._chunked_head
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        positions = inputs.get("position_ids")
-        check_batch_fits(self.accelerator.unwrap_model(model), inputs["input_ids"], position_ids=positions)
-        if self.reference_model is not None and not getattr(self.reference_model, "cross_tokenizer", False):
-            check_batch_fits(self.reference_model, inputs["input_ids"], "the reference model", positions)
+        # the first batch, then every batch still on the CPU: reading a GPU batch's largest id waits for the device
+        if not self._batch_checked or inputs["input_ids"].device.type == "cpu":
+            positions = inputs.get("position_ids")
+            check_batch_fits(self.accelerator.unwrap_model(model), inputs["input_ids"], position_ids=positions)
+            if self.reference_model is not None and not getattr(self.reference_model, "cross_tokenizer", False):
+                check_batch_fits(self.reference_model, inputs["input_ids"], "the reference model", positions)
+            self._batch_checked = True
         inputs = dict(inputs)
         labels, ref = self._shifted(inputs)
         inputs.pop("labels")

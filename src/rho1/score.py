@@ -205,7 +205,11 @@ def _score(cfg: ScoreConfig, store: TokenStore, accelerator, progress: bool) -> 
     if accelerator.is_main_process:
         _create(out, identity, store.n_tokens)
     accelerator.wait_for_everyone()
-    done = _done_chunks(out, job, spans)
+    done = _done_chunks(out, job, spans) if accelerator.is_main_process else None  # read back once, not per process
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        done = broadcast_object_list([done])[0]
     if accelerator.is_main_process and len(done) < n_chunks:  # chunks will be rewritten: not complete meanwhile
         manifest = read_manifest(out, "ScoreStore", SCORE_FORMAT)
         if manifest.get("complete"):

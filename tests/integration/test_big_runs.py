@@ -62,18 +62,31 @@ def test_torch_compile_keeps_the_losses(stores, corpus_scores, tmp_path):
     np.testing.assert_allclose(_losses(tmp_path / "compiled"), _losses(tmp_path / "eager"), rtol=1e-3)
 
 
-def test_mfu_and_throughput_in_every_record_and_the_summary(stores, corpus_scores, tmp_path):
+def test_mfu_and_throughput_in_every_record_and_the_summary(stores, corpus_scores, tmp_path, capsys):
     summary = train(_cfg(stores, corpus_scores, tmp_path / "run"), progress=False)
     records = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
     assert len(records) == 5
     for record in records:
         assert 0 < record["mfu"] <= 1 and record["tokens_per_second_per_process"] > 0
-    assert 0 < summary["mfu"] <= 1 and summary["peak_flops_from"] == "measured float32 matmul"
+    assert 0 < summary["mfu"] <= 1 and summary["mfu_not_shown"] is None
+    assert "FLOPs/cycle" in summary["peak_flops_from"] and "/proc/cpuinfo" in summary["peak_flops_from"]
     assert summary["flops_per_token"] > 6 * 0.9 * summary["parameters"] - 6 * 32 * stores["corpus"].vocab_size
-    # --peak-flops decides: half the peak, twice the utilisation of the same throughput
-    fixed = train(_cfg(stores, corpus_scores, tmp_path / "fixed", peak_flops=1e9), progress=False)
+    # --peak-flops decides: the model FLOPs per second over it (clm: every token's head backward counts but the
+    # last of each window's, which has no next token)
+    fixed = train(_cfg(stores, corpus_scores, tmp_path / "fixed", objective="clm", peak_flops=1e12), progress=False)
     assert fixed["peak_flops_from"] == "--peak-flops"
-    assert fixed["mfu"] == pytest.approx(fixed["tokens_per_second_per_process"] * fixed["flops_per_token"] / 1e9)
+    assert fixed["mfu"] == pytest.approx(fixed["tokens_per_second_per_process"] * fixed["flops_per_token"] / 1e12,
+                                         rel=1 / SEQ_LEN)
+    # a peak below what the run did is wrong: no MFU above 1 is ever printed or logged, the reason is
+    args = ["train", "--data", str(stores["corpus"].path), "--model-preset", "nano", "--seq-len", str(SEQ_LEN),
+            "--batch-size", "4", "--max-tokens", str(3 * 4 * SEQ_LEN), "--peak-flops", "1e6", "--out",
+            str(tmp_path / "low")]
+    assert main(args) == 0
+    low = json.loads((tmp_path / "low" / "summary.json").read_text())
+    assert low["mfu"] is None and "above the peak of 1 MFLOP/s (--peak-flops)" in low["mfu_not_shown"]
+    assert all(r["mfu"] is None for r in read_metrics(tmp_path / "low") if r["kind"] == "train")
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "MFU not shown: the model's FLOPs ran at" in last and "%" not in last.split("MFU")[1], last
 
 
 def test_trackers_get_the_metrics_and_the_config_offline(stores, corpus_scores, tmp_path, monkeypatch, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,13 +51,13 @@ def summarize(losses: np.ndarray, store: TokenStore, ref: np.ndarray | None = No
 
 def evaluate_model(cfg: EvalConfig, progress: bool = True) -> dict:
     """`rho1 eval`: held-out losses of one model on each store (all / target / selected / unselected tokens,
-    the split being the top ``ratio`` by excess loss of this model), and few-shot answer accuracy."""
-    from pathlib import Path
+    the split being the top ``ratio`` by excess loss of this model), and few-shot answer accuracy; written to
+    ``cfg.out`` too when it is set (one writer at a time, as every stage)."""
+    import contextlib
 
     from rho1.data.loader import trainable_mask
-    from rho1.data.store import ScoreStore, check_writable
-    from rho1.data.tokenizer import load_tokenizer
-    from rho1.model import check_model_fits, check_positions, load_model
+    from rho1.data.store import ScoreStore, check_writable, write_json_atomic
+    from rho1.lock import write_lock
 
     cfg.check()
     if cfg.threads:
@@ -71,8 +72,22 @@ def evaluate_model(cfg: EvalConfig, progress: bool = True) -> dict:
         if s is not None and s.seq_len != seq_len:
             raise ValueError(f"scores {s.path} use windows of {s.seq_len} tokens but --seq-len is {seq_len}; "
                              f"pass --seq-len {s.seq_len}" + ("" if cfg.seq_len else " and evaluate each store alone"))
-    if cfg.generations:
-        check_writable(cfg.generations, "--generations", folder=False)
+    written = [(flag, path) for flag, path in (("--out", cfg.out), ("--generations", cfg.generations)) if path]
+    for flag, path in written:
+        check_writable(path, flag, folder=False)
+    with contextlib.ExitStack() as held:
+        for _, path in written:
+            held.enter_context(write_lock(path, "rho1 eval"))
+        results = _evaluate(cfg, stores, scores, seq_len, progress)
+        if cfg.out:
+            write_json_atomic(Path(cfg.out), results)
+    return results
+
+
+def _evaluate(cfg: EvalConfig, stores: list, scores: list, seq_len: int, progress: bool) -> dict:
+    from rho1.data.tokenizer import load_tokenizer
+    from rho1.model import check_model_fits, check_positions, load_model
+
     model = load_model(cfg.model, cfg.trust_remote_code)
     results = {}
     if cfg.answers:

@@ -27,6 +27,7 @@ from rho1.data.tokenizer import load_tokenizer
 from rho1.eval.accuracy import QA_TEMPLATE, AnswerConfig, answer_accuracy
 from rho1.eval.curves import format_efficiency, read_curve, token_efficiency
 from rho1.experiments import demo_data
+from rho1.lock import write_lock
 from rho1.model import load_model
 from rho1.score import ScoreConfig, score
 from rho1.threads import set_threads
@@ -43,10 +44,11 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     check_writable(cfg.out)
     if cfg.threads:
         set_threads(cfg.threads)  # leaves torch alone when it already uses that many
-    start = time.time()
-    files = demo_data.generate(Path(cfg.out) / "data", cfg.seed, cfg.n_reference, cfg.n_web, cfg.n_heldout,
-                               cfg.n_offtarget, cfg.math_share, cfg.wrong_share)
-    return compare(files, cfg, progress, {"data": round(time.time() - start, 2)})
+    with write_lock(cfg.out, "rho1 demo"):  # one demo writes --out at a time (its stages lock their own folders)
+        start = time.time()
+        files = demo_data.generate(Path(cfg.out) / "data", cfg.seed, cfg.n_reference, cfg.n_web, cfg.n_heldout,
+                                   cfg.n_offtarget, cfg.math_share, cfg.wrong_share)
+        return compare(files, cfg, progress, {"data": round(time.time() - start, 2)})
 
 
 class StageTimer:

@@ -52,7 +52,7 @@ from rho1.train.checkpoint import (
     read_training_state,
 )
 from rho1.train.evaluator import Evaluator
-from rho1.train.throughput import flops_per_token, mfu, peak_flops, peak_memory_mib
+from rho1.train.throughput import flops_per_token, format_flops, head_backward_flops, mfu, peak_flops, peak_memory_mib
 from rho1.train.trackers import numbers, tracker_config, trackers
 
 
@@ -135,6 +135,8 @@ class Run:
     next_save: float = math.inf
     parameters: int = 0
     flops_per_token: float = 0.0  # training FLOPs of one token (rho1.train.throughput)
+    head_backward: float = 0.0  # of which the head's backward, skipped for unselected tokens by the chunked loss
+    train_flops: float = 0.0  # the model FLOPs of this process's optimizer steps
     peak: tuple = (None, "")  # peak FLOP/s of one device and where that number comes from
     keep: object = None  # 1 per stream position that may be trained on (--train-on target, --selection), or None
 
@@ -297,11 +299,12 @@ def _setup(cfg: TrainConfig, accelerator, held: contextlib.ExitStack, progress: 
     run = Run(cfg, accelerator, store, scores, model, optimizer, WindowOrder(store.num_windows(cfg.seq_len), cfg.seed),
               reference, bool(chunked), evaluator,
               Checkpointer(out, accelerator, tokenizer, cfg.keep_last, stored_dtype(cfg.model)),
-              MetricsLog(out, False, None), resume_from, held, next_eval=cfg.eval_every or math.inf,
+              MetricsLog(out, False, None), resume_from, held=held, next_eval=cfg.eval_every or math.inf,
               next_save=cfg.save_every or math.inf, parameters=sum(p.numel() for p in model.parameters()), keep=keep)
     if cfg.reference == "self":
         run.checkpointer.reference = reference[0]
     run.flops_per_token = flops_per_token(unwrapped, cfg.seq_len)
+    run.head_backward = head_backward_flops(unwrapped) if chunked else 0.0
     run.peak = peak_flops(accelerator.device, cfg.precision, cfg.peak_flops)
     if resume_from is not None:
         run.checkpointer.resume(resume_from)
@@ -491,9 +494,10 @@ class LogWindow:
     def reset(self) -> None:
         self.loss_sum, self.selected, self.values, self.labels = torch.zeros((), device=self.device), 0.0, {}, None
         self.steps, self.seconds = 0, 0.0  # optimizer steps and their wall time (evaluations and saves left out)
+        self.flops = 0.0  # model FLOPs of one process in those steps
 
-    def add(self, result: StepResult, seconds: float = 0.0) -> None:
-        self.steps, self.seconds = self.steps + 1, self.seconds + seconds
+    def add(self, result: StepResult, seconds: float = 0.0, flops: float = 0.0) -> None:
+        self.steps, self.seconds, self.flops = self.steps + 1, self.seconds + seconds, self.flops + flops
         self.loss_sum, self.selected = self.loss_sum + result.loss_sum, self.selected + result.selected
         for stats in result.stats:
             for key, value in stats.items():
@@ -510,7 +514,7 @@ class LogWindow:
                   "loss": loss_sum / self.selected if self.selected else float("nan"), "selected": int(self.selected),
                   "lr": lr, "grad_norm": None, "tokens_per_second": tokens_per_second,
                   "tokens_per_second_per_process": per_process,
-                  "mfu": mfu(per_process, run.flops_per_token, run.peak[0]) if self.steps else None}
+                  "mfu": mfu(self.flops / max(self.seconds, 1e-9), run.peak)[0] if self.steps else None}
         for key, values in self.values.items():
             finite = [v for v in values if v == v]
             record[key] = sum(finite) / len(finite) if finite else float("nan")
@@ -617,10 +621,12 @@ def _fit(run: Run, progress: bool) -> dict:
                 torch.cuda.synchronize(acc.device)
             seconds = time.perf_counter() - began
             run.train_seconds += seconds
+            flops = step_flops(run, result)
+            run.train_flops += flops
             if result.skipped:
                 skip_or_stop(run, result.skipped, progress)
             else:
-                window.add(result, seconds)
+                window.add(result, seconds, flops)
             run.step, run.tokens = step + 1, run.tokens + run.tokens_per_step
             if cfg.reference == "self":
                 advance_reference(run.reference[0], acc.unwrap_model(run.model), run.step, cfg.reference_ema,
@@ -658,15 +664,25 @@ def _fit(run: Run, progress: bool) -> dict:
     return finish(run, last_eval, time.time() - start, first_tokens, progress)
 
 
+def step_flops(run: Run, result: StepResult) -> float:
+    """The model FLOPs one process did in a step: every token's forward and backward, less the head's backward
+    of the tokens the chunked loss did not select."""
+    tokens = run.tokens_per_step
+    skipped_head = max(0.0, tokens - result.selected) * run.head_backward if not result.skipped else 0.0
+    return (tokens * run.flops_per_token - skipped_head) / run.accelerator.num_processes
+
+
 def finish(run: Run, last_eval: dict, seconds: float, first_tokens: int, progress: bool) -> dict:
     """summary.json and the closing line."""
     out = Path(run.cfg.out)
     per_process = (run.tokens - first_tokens) / run.accelerator.num_processes / max(run.train_seconds, 1e-9)
+    utilisation, why_not = mfu(run.train_flops / max(run.train_seconds, 1e-9), run.peak) if run.train_seconds \
+        else (None, "no optimizer step ran")
     summary = {"tokens": run.tokens, "steps": run.total_steps, "seconds": seconds,
                "tokens_per_second": (run.tokens - first_tokens) / seconds, "parameters": run.parameters,
                "processes": run.accelerator.num_processes, "tokens_per_second_per_process": per_process,
-               "mfu": mfu(per_process, run.flops_per_token, run.peak[0]), "peak_flops": run.peak[0],
-               "peak_flops_from": run.peak[1], "flops_per_token": run.flops_per_token,
+               "mfu": utilisation, "peak_flops": run.peak[0],
+               "peak_flops_from": run.peak[1], "mfu_not_shown": why_not, "flops_per_token": run.flops_per_token,
                "attn_implementation": getattr(run.accelerator.unwrap_model(run.model).config, "_attn_implementation",
                                               None),
                "gradient_checkpointing": run.cfg.gradient_checkpointing, "torch_compile": run.cfg.torch_compile,
@@ -681,9 +697,11 @@ def finish(run: Run, last_eval: dict, seconds: float, first_tokens: int, progres
         if progress:
             shown = ", ".join(f"{k.split('/', 1)[-1]} {v:.4f}" for k, v in last_eval.items()
                               if isinstance(v, float) and k.endswith("loss"))
-            util = f", MFU {summary['mfu']:.1%}" if summary["mfu"] is not None else ""
+            util = (f"MFU {utilisation:.1%} of a {format_flops(run.peak[0])} peak ({run.peak[1]})"
+                    if utilisation is not None else f"MFU not shown: {why_not}")
             print(f"train {run.name}: {run.tokens:,} tokens in {seconds:.1f}s ({summary['tokens_per_second']:,.0f} "
-                  f"tokens/s{util}, {run.parameters / 1e6:.2f}M parameters, {summary['threads']} threads) -> {out / 'final'}" + (f"; {shown}" if shown else ""))
+                  f"tokens/s, {run.parameters / 1e6:.2f}M parameters, {summary['threads']} threads) -> {out / 'final'}; "
+                  f"{util}" + (f"; {shown}" if shown else ""))
             if run.selecting and (note := reference_note(last_eval)):
                 print(note)
     run.accelerator.wait_for_everyone()

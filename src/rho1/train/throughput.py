@@ -1,15 +1,21 @@
-"""Model FLOPs utilisation: the FLOPs a training step's tokens need over what the device could do.
+"""Model FLOPs utilisation: the FLOPs a training step's tokens need over what the device could do at most.
 
 Per token, a forward and backward take ``6 N`` FLOPs for the ``N`` parameters that multiply (the input
-embedding is a lookup, so it counts only when it is also the tied head) plus ``12 L d T`` for attention
-(``L`` layers of width ``d`` over windows of ``T`` tokens; PaLM, appendix B). That is the CLM cost: SLM's
-head backward covers only the kept tokens, so its MFU by this count is a little pessimistic, like MFU of
-any run that recomputes activations (checkpointing's recomputation is not counted either).
+embedding is a lookup, so it counts only when it is also the tied head) plus ``6 L d T`` for causal attention
+(``L`` layers of width ``d`` over windows of ``T`` tokens: PaLM's ``12 L d T`` counts every query against every
+key, and a causal mask keeps half of them). When the loss is computed from the head's input in chunks, the
+head's backward runs only for the selected tokens, so ``4 V d`` (``V`` x ``d`` head) is counted only for those.
+Recomputed activations (gradient checkpointing) are not counted: MFU measures the model's work, not the device's.
+
+The peak is the device's, never a measurement of this run's own kernels: a datasheet figure for known GPUs, and
+on a CPU cores x clock x FLOPs per cycle of its widest vector unit, read from the hardware (a number a busy
+machine cannot lower). ``mfu`` refuses a value above 1: it says what is wrong instead of printing it.
 """
 
 from __future__ import annotations
 
-import time
+import os
+from pathlib import Path
 
 import torch
 
@@ -17,7 +23,14 @@ import torch
 PEAK_FLOPS = {"H200": {"half": 989e12, "fp32": 67e12}, "H100": {"half": 989e12, "fp32": 67e12},
               "A100": {"half": 312e12, "fp32": 19.5e12}}
 
-_measured_cpu: dict[int, float] = {}
+# FLOPs per cycle of one core (a fused multiply-add is 2 FLOPs), widest unit first: (cpuinfo flag, FLOPs, name).
+# Upper bounds: two FMA units of the vector width (AVX-512 with one unit, or AMD's double-pumped one, does half).
+CPU_FLOPS_PER_CYCLE = {
+    "float32": (("avx512f", 64, "AVX-512 FMA"), ("fma", 32, "AVX2 FMA"), ("avx", 16, "AVX"), ("sse2", 8, "SSE2"),
+                ("asimd", 32, "NEON FMA")),
+    "bfloat16": (("amx_bf16", 2048, "AMX bf16"), ("avx512_bf16", 128, "AVX-512 bf16")),
+    "float16": (("amx_fp16", 2048, "AMX fp16"), ("avx512_fp16", 128, "AVX-512 fp16")),
+}
 
 
 def _config_value(config, *names):
@@ -28,56 +41,133 @@ def _config_value(config, *names):
     return None
 
 
+def _head(model):
+    """(the head's weight elements, whether the head is the tied input embedding)."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    return (weight.numel() if weight is not None else 0), weight is not None and weight is getattr(embedding,
+                                                                                                    "weight", None)
+
+
 def flops_per_token(model, seq_len: int) -> float:
-    """Training FLOPs per token (forward and backward) of ``model`` on windows of ``seq_len`` tokens."""
+    """Training FLOPs per token (forward and backward, every token's head backward) of ``model`` on windows of
+    ``seq_len`` tokens, causal attention counted as such."""
     embedding = model.get_input_embeddings()
-    head = model.get_output_embeddings()
-    tied = head is not None and getattr(head, "weight", None) is getattr(embedding, "weight", None)
+    _, tied = _head(model)
     n = sum(p.numel() for p in model.parameters()) - (0 if tied else embedding.weight.numel())
     config = model.config
     layers = _config_value(config, "num_hidden_layers", "n_layer", "n_layers", "num_layers")
     width = _config_value(config, "hidden_size", "n_embd", "d_model")
     heads = _config_value(config, "num_attention_heads", "n_head", "n_heads", "attention_heads")
-    attention = 12 * layers * width * seq_len if layers and width and heads else 0  # none in a state-space model
+    attention = 6 * layers * width * seq_len if layers and width and heads else 0  # none in a state-space model
     return 6.0 * n + attention
 
 
-def measured_cpu_flops() -> float:
-    """What this CPU's torch reaches on float32 matrix products with the current threads: the best of ten
-    bursts of 1024 x 1024 products, measured once per machine and thread count and kept in
-    ``~/.cache/rho1/cpu_flops.json`` (``RHO1_CACHE`` elsewhere), so every run divides by the same number."""
-    threads = torch.get_num_threads()
-    if threads in _measured_cpu:
-        return _measured_cpu[threads]
-    import json
-    import os
-    import platform
-    from pathlib import Path
+def head_backward_flops(model) -> float:
+    """The FLOPs per token of the head's backward (input and weight gradients), which the chunked loss skips
+    for tokens that are not selected."""
+    return 4.0 * _head(model)[0]
 
-    cache = Path(os.environ.get("RHO1_CACHE", Path.home() / ".cache" / "rho1")) / "cpu_flops.json"
-    key = f"{platform.processor() or platform.machine()}|{os.cpu_count()} cores|{threads} threads|torch {torch.__version__}"
+
+def _cpuinfo() -> str:
     try:
-        known = json.loads(cache.read_text())
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def _cpu_clock_hz(cpuinfo: str) -> float | None:
+    """The highest clock the hardware reports: cpufreq's maximum (turbo included), else /proc/cpuinfo's MHz or
+    the GHz in the model name (a virtual machine often shows only its nominal clock)."""
+    found = []
+    try:
+        found.append(int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) * 1e3)
     except (OSError, ValueError):
-        known = {}
-    if not isinstance(known.get(key), (int, float)):
-        g = torch.Generator().manual_seed(0)  # not the global generator: a run's random numbers stay its own
-        a, b = torch.randn(1024, 1024, generator=g), torch.randn(1024, 1024, generator=g)
-        torch.mm(a, b)
-        best = 0.0
-        for _ in range(10):
-            start = time.perf_counter()
-            for _ in range(4):
-                torch.mm(a, b)
-            best = max(best, 4 * 2 * 1024**3 / (time.perf_counter() - start))
-        known[key] = best
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps(known, indent=2))
-        except OSError:  # a read-only home: measured again next time
-            pass
-    _measured_cpu[threads] = float(known[key])
-    return _measured_cpu[threads]
+        pass
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key == "cpu MHz":
+            found.append(float(value) * 1e6)
+        elif key == "model name" and "@" in value and value.endswith("GHz"):
+            try:
+                found.append(float(value.rsplit("@", 1)[1].removesuffix("GHz")) * 1e9)
+            except ValueError:
+                pass
+    return max(found) if found else None
+
+
+def _physical_cores(cpuinfo: str, cpus: set[int]) -> int:
+    """Cores behind the CPUs this process may run on (two hyperthreads of one core share its vector units)."""
+    cores, processor, physical = set(), None, "0"
+    for line in cpuinfo.splitlines() + [""]:
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key == "processor":
+            processor = int(value) if value.isdigit() else None
+        elif key == "physical id":
+            physical = value
+        elif key == "core id" and processor in cpus:
+            cores.add((physical, value))
+    return len(cores) or len(cpus)
+
+
+def cpu_peak_flops(dtype: str = "float32", threads: int | None = None, cpuinfo: str | None = None) \
+        -> tuple[float | None, str]:
+    """(peak FLOP/s of this CPU for ``threads`` torch threads in ``dtype``, how it was derived): cores in use x
+    the highest clock x FLOPs per cycle of the widest unit its flags name."""
+    cpuinfo = _cpuinfo() if cpuinfo is None else cpuinfo
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags |= set(value.split())
+    clock = _cpu_clock_hz(cpuinfo)
+    units = [u for u in CPU_FLOPS_PER_CYCLE.get(dtype, ()) if u[0] in flags] or \
+        [u for u in CPU_FLOPS_PER_CYCLE["float32"] if u[0] in flags]
+    if not clock or not units:
+        return None, "this CPU's clock or vector units are not known (no /proc/cpuinfo): pass --peak-flops"
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = min(threads or torch.get_num_threads(), _physical_cores(cpuinfo, cpus))
+    _, per_cycle, unit = units[0]
+    return cores * clock * per_cycle, (f"{cores} core{'s' if cores > 1 else ''} x {clock / 1e9:.2f} GHz x {per_cycle} "
+                                       f"{dtype} FLOPs/cycle of {unit}, from /proc/cpuinfo")
+
+
+def peak_flops(device: torch.device, precision: str, given: float | None = None) -> tuple[float | None, str]:
+    """(peak FLOP/s of one device, where the number comes from); None when it is not known."""
+    if given:
+        return given, "--peak-flops"
+    if device.type == "cpu":
+        return cpu_peak_flops({"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32"))
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for gpu, peaks in PEAK_FLOPS.items():
+            if gpu in name:
+                return peaks["fp32" if precision == "no" else "half"], f"{gpu} {precision} datasheet peak"
+        return None, f"unknown GPU {name}: pass --peak-flops"
+    return None, f"unknown device {device.type}: pass --peak-flops"
+
+
+def format_flops(value: float) -> str:
+    for unit, scale in (("PFLOP/s", 1e15), ("TFLOP/s", 1e12), ("GFLOP/s", 1e9)):
+        if value >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value / 1e6:.3g} MFLOP/s"
+
+
+def mfu(flops_per_second_per_device: float, peak: tuple[float | None, str]) -> tuple[float | None, str | None]:
+    """(model FLOPs utilisation in (0, 1], None) or (None, why it is not shown): a value above 1 is impossible, so
+    the peak it divides by is wrong, and it is never reported as a utilisation."""
+    value, source = peak
+    if not value:
+        return None, f"no peak known ({source})"
+    ratio = flops_per_second_per_device / value
+    if ratio > 1:
+        return None, (f"the model's FLOPs ran at {format_flops(flops_per_second_per_device)}, above the peak of "
+                      f"{format_flops(value)} ({source}), so that peak is too low; pass the device's real peak with "
+                      "--peak-flops")
+    return ratio, None
 
 
 def peak_memory_mib(device: torch.device) -> dict:
@@ -93,22 +183,3 @@ def peak_memory_mib(device: torch.device) -> dict:
     if device.type == "cuda":
         found["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return found
-
-
-def peak_flops(device: torch.device, precision: str, given: float | None = None) -> tuple[float | None, str]:
-    """(peak FLOP/s of one device, where the number comes from); None when it is not known."""
-    if given:
-        return given, "--peak-flops"
-    if device.type == "cpu":
-        return measured_cpu_flops(), "measured float32 matmul"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for gpu, peaks in PEAK_FLOPS.items():
-            if gpu in name:
-                return peaks["fp32" if precision == "no" else "half"], f"{gpu} {precision} peak"
-        return None, f"unknown GPU {name}: pass --peak-flops"
-    return None, f"unknown device {device.type}: pass --peak-flops"
-
-
-def mfu(tokens_per_second_per_device: float, per_token: float, peak: float | None) -> float | None:
-    return None if not peak else tokens_per_second_per_device * per_token / peak
