@@ -60,6 +60,15 @@ def check_self_reference(is_self: bool, ema: float | None, every: int, cli: bool
         raise ValueError(f"{every_name} must be 0 or more, got {every}")
 
 
+def check_not_self(flag: str, value: str | None, verb: str) -> None:
+    """``self`` names the learner during `rho1 train` (a self reference), not a model another stage can load."""
+    from pathlib import Path
+
+    if value == "self" and not Path(value).exists():
+        raise ValueError(f"{flag} self is a reference of `rho1 train --reference self` only (the learner as it trains); "
+                         f"{verb} needs a trained model: pass its folder, .gguf file or hub name")
+
+
 def _rules():
     from rho1.selection.rules import RULES
 

@@ -19,6 +19,7 @@ from rho1.checks import (  # noqa: F401
     check_ratio,
     check_rule_options,
     check_self_reference,
+    check_not_self,
     check_seq_len,
 )
 from rho1.selection.rules import RULES
@@ -134,6 +135,7 @@ class ScoreConfig:
     def check(self) -> None:
         if not self.data or not self.model:
             raise ValueError("rho1 score needs --data TOKEN_STORE and --model REFERENCE_MODEL")
+        check_not_self("--model", self.model, "rho1 score")
         check_seq_len(self.seq_len)
         check_positive(self, "seq_len", "batch_size", "chunk_windows", "threads")
         check_choice("precision", self.precision, PRECISIONS)
@@ -258,6 +260,9 @@ class TrainConfig:
 
     def _check_self_reference(self) -> None:
         check_self_reference(self.reference == "self", self.reference_ema, self.reference_update)
+        if self.reference == "self" and self.objective != "slm":
+            raise ValueError("--reference self scores tokens for selection, which --objective clm does not do (it "
+                             "trains on every token); pass --objective slm, or drop --reference self")
         if self.reference == "self" and self.cross_tokenizer:
             raise ValueError("--reference self is the learner itself, with its own tokenizer; drop --cross-tokenizer")
 
@@ -295,6 +300,7 @@ class ExportConfig:
         if not self.data or not self.model or not self.out:
             raise ValueError("rho1 export needs --data TOKEN_STORE, --model MODEL (the run's starting model) and "
                              "--out NEW_FOLDER (with --scores SCORE_STORE for the excess loss)")
+        check_not_self("--model", self.model, "rho1 export")
         check_ratio(self.ratio)
         check_choice("score", self.score, tuple(SCORES))
         check_rule_options(self.rule, self.temperature, self.threshold)
@@ -339,6 +345,7 @@ class EvalConfig:
             raise ValueError("rho1 eval needs --model (a checkpoint folder such as RUN/final, or a hub name)")
         if not (self.data or self.answers):
             raise ValueError("rho1 eval needs --data HELDOUT_STORE (losses) and/or --answers FILE.jsonl (accuracy)")
+        check_not_self("--model", self.model, "rho1 eval")
         if self.scores and len(self.scores) != len(self.data):
             raise ValueError("--scores must name one ScoreStore per --data store ('' for none)")
         check_ratio(self.ratio)
@@ -425,6 +432,7 @@ class ViewConfig:
     batch_size: int = opt(16, "windows per forward")
 
     def check(self) -> None:
+        check_not_self("--reference", self.reference, "rho1 view")
         check_ratio(self.ratio)
         check_seq_len(self.seq_len)
         check_positive(self, "windows", "batch_size")

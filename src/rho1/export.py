@@ -210,6 +210,10 @@ def kept_positions(path: str | Path, store: TokenStore, seq_len: int | None) -> 
         raise ValueError(f"--selection {path} is not an export of `rho1 export` (no manifest.json of format "
                          f"{EXPORT_FORMAT}); pass the --out folder of `rho1 export`")
     if manifest["token_store_hash"] != store.hash:
+        if Path(manifest["token_store"]).resolve() == Path(store.path).resolve():
+            raise ValueError(f"the TokenStore {store.path} was prepared again since --selection {path} was exported "
+                             "from it, so the export's positions no longer name its tokens; export it again with "
+                             "`rho1 export`")
         raise ValueError(f"--selection {path} was made from another TokenStore ({manifest['token_store']}), not "
                          f"{store.path}; pass that store as --data, or export this one")
     if seq_len is not None and manifest["seq_len"] != seq_len:

@@ -29,9 +29,39 @@ except ImportError as err:  # the optional extra
 from rho1.hf import SelectiveTrainer
 
 
+def check_sft_columns(dataset, args, formatting_func=None, which: str = "train_dataset") -> None:
+    """One sentence, before TRL reads a record, when ``dataset`` has none of the columns SFT takes: the text field
+    (``args.dataset_text_field``, "text" by default), "messages", "prompt" and "completion", or tokenized
+    "input_ids"."""
+    columns = getattr(dataset, "column_names", None)
+    kwargs = getattr(args, "dataset_kwargs", None) or {}
+    if columns is None or formatting_func is not None or kwargs.get("skip_prepare_dataset"):
+        return  # an IterableDataset without features, or data the user prepares: nothing to check here
+    columns = list(columns.values())[0] if isinstance(columns, dict) else list(columns)
+    text = getattr(args, "dataset_text_field", None) or "text"
+    if text in columns or "messages" in columns or "input_ids" in columns or {"prompt", "completion"} <= set(columns):
+        return
+    half = " (it has 'prompt' without 'completion')" if "prompt" in columns else (
+        " (it has 'completion' without 'prompt')" if "completion" in columns else "")
+    raise ValueError(f"{which} has the columns {', '.join(map(repr, columns)) or 'none'}{half}, and SFT reads a "
+                     f"text column {text!r} (SFTConfig(dataset_text_field=...)), 'messages' (chats), 'prompt' and "
+                     "'completion', or tokenized 'input_ids'; rename a column (dataset.rename_column) or pass "
+                     "formatting_func=")
+
+
 class SelectiveSFTTrainer(SelectiveTrainer, SFTTrainer):
     """TRL's ``SFTTrainer`` whose loss is rho1's selective loss (``SelectiveTrainer.compute_loss``): TRL
     prepares, masks and packs the data; rho1 ranks and keeps the top ``ratio`` of the trainable tokens."""
+
+    def __init__(self, *args, **kwargs):
+        names = ("model", "args", "data_collator", "train_dataset", "eval_dataset")
+        given = {**dict(zip(names, args)), **kwargs}
+        for which in ("train_dataset", "eval_dataset"):
+            datasets = given.get(which)
+            for name, dataset in (datasets.items() if isinstance(datasets, dict) else [(which, datasets)]):
+                if dataset is not None:
+                    check_sft_columns(dataset, given.get("args"), given.get("formatting_func"), name)
+        super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {k: v for k, v in inputs.items() if k != "use_cache"}
@@ -39,4 +69,4 @@ class SelectiveSFTTrainer(SelectiveTrainer, SFTTrainer):
                                              num_items_in_batch)
 
 
-__all__ = ["SelectiveSFTTrainer"]
+__all__ = ["SelectiveSFTTrainer", "check_sft_columns"]

@@ -184,3 +184,20 @@ metric_list:
         lls = [loglikelihood(context, " " + c) for c in r["choices"]]
         correct += lls[0] > lls[1]
     assert acc == pytest.approx(correct / len(rows))
+
+
+def test_a_moving_average_reference_of_a_bf16_model_is_kept_in_float32(stores, reference_model, tmp_path):
+    """In bf16 a step of 1 - DECAY = 1% towards the learner mostly rounds away; the reference is held in float32 (as
+    `rho1 train` holds it) and moves by exactly ref.lerp(learner, 1 - DECAY) after each optimizer step."""
+    ds = windows_dataset(stores["corpus"], SEQ_LEN)[:8]
+    model = load_model(str(reference_model), dtype=torch.bfloat16)
+    trainer = SelectiveTrainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=ds,
+                               data_collator=SelectiveCollator(stores["corpus"].tokenizer()), reference_model="self",
+                               reference_ema=0.99, ratio=0.5)
+    start = [p.detach().float().clone() for p in trainer.reference_model.parameters()]
+    assert {p.dtype for p in trainer.reference_model.parameters()} == {torch.float32}
+    trainer.train()
+    learner = [p.detach() for p in model.parameters()]
+    assert any(not torch.equal(s, p.float()) for s, p in zip(start, learner))
+    for s, p, ref in zip(start, learner, trainer.reference_model.parameters()):
+        torch.testing.assert_close(ref, s.lerp(p.float(), 1 - 0.99), rtol=0, atol=0)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SEQ_LEN, read_metrics
+from conftest import MATH_TEMPLATE, SEQ_LEN, read_metrics
 from safetensors.torch import load_file
 
 from rho1.config import ExportConfig, TrainConfig
@@ -383,3 +383,52 @@ def test_chat_templates_that_refuse_or_rewrite_a_conversation_are_one_sentence(s
             prepare(PrepareConfig([str(tmp_path / "chat.jsonl")], str(tmp_path / f"store-{name}"),
                                   tokenizer=str(tmp_path / name), chat_field="messages"), progress=False)
         assert not (tmp_path / f"store-{name}").exists()
+
+
+def test_chats_without_an_answer_are_counted_and_a_store_of_none_is_refused(stores, data_dir, tmp_path, capsys):
+    from rho1.cli import main
+
+    tokenizer = stores["reference"].tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(tmp_path / "chat-tokenizer")
+    records = _conversations(data_dir, tmp_path / "chat.jsonl")
+    unanswered = [{"messages": [m for m in r["messages"] if m["role"] != "assistant"]} for r in records]
+    args = ["--tokenizer", str(tmp_path / "chat-tokenizer"), "--chat-field", "messages"]
+    (tmp_path / "some.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:8] + unanswered[8:]))
+    assert main(["prepare", str(tmp_path / "some.jsonl"), "--out", str(tmp_path / "some"), *args]) == 0
+    assert "3 of 11 chats have no assistant turn" in capsys.readouterr().out
+    assert json.loads((tmp_path / "some" / "manifest.json").read_text())["chats_without_answer"] == 3
+    only_system = [{"messages": [{"role": "system", "content": "Solve the problem."}]}]
+    for name, rows in (("none", unanswered), ("system", only_system)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        assert main(["prepare", str(tmp_path / f"{name}.jsonl"), "--out", str(tmp_path / name), *args]) == 2
+        err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("prepare:")]
+        assert len(err) == 1 and f"none of the {len(rows)} chats in --chat-field 'messages' has an assistant " \
+            "turn" in err[0], err
+        assert not (tmp_path / name).exists() and not (tmp_path / f"{name}.partial").exists()
+
+
+def test_sft_misuses_are_one_sentence(stores, reference_model, sft_scores, data_dir, tmp_path, capsys):
+    from rho1.cli import main
+    from rho1.data.prepare import PrepareConfig, prepare
+
+    def refused(args, *needles):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and all(n in err[0] for n in needles), err
+
+    # a self reference only selects: clm trains on every token, so it would run for nothing
+    refused(["train", "--data", str(stores["reference"].path), "--reference", "self", "--out", str(tmp_path / "r")],
+            "--reference self scores tokens for selection, which --objective clm does not do")
+    refused(["score", "--data", str(stores["reference"].path), "--model", "self", "--out", str(tmp_path / "s")],
+            "--model self is a reference of `rho1 train --reference self` only")
+    # a store prepared again since the export: said as such, not "another TokenStore (X), not X"
+    store = shutil.copytree(stores["reference"].path, tmp_path / "store")  # same content: the scores fit it
+    out = tmp_path / "export"
+    assert main(["export", "--data", str(store), "--model", str(reference_model), "--scores", str(sft_scores.path),
+                 "--seq-len", str(SEQ_LEN), "--out", str(out)]) == 0
+    capsys.readouterr()
+    prepare(PrepareConfig([str(data_dir["heldout"])], str(store), tokenizer=str(stores["reference"].path),
+                          template=MATH_TEMPLATE, target_field="answer", overwrite=True), progress=False)
+    refused(["train", "--data", str(store), "--selection", str(out), "--seq-len", str(SEQ_LEN), "--out",
+             str(tmp_path / "t")], f"the TokenStore {store} was prepared again since --selection {out} was exported")

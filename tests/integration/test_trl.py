@@ -221,3 +221,27 @@ def test_selective_sft_trainer_with_a_score_store_over_store_windows(stores, sft
     assert trainer.selection_stats["frac_selected"] == pytest.approx(0.5, abs=0.02)
     example = windows_dataset(store, 64, train_on="target")[0]
     assert all((label == IGNORE_INDEX) != bool(target[i]) for i, label in enumerate(example["labels"]))
+
+
+def test_a_dataset_without_the_columns_sft_reads_is_one_sentence(sft_setup, tmp_path):
+    """TRL would end in a raw KeyError: 'text' deep in its preparation; the columns are named up front."""
+    from trl import SFTConfig
+
+    from rho1.trl import SelectiveSFTTrainer
+
+    d, tokenizer, ds = sft_setup
+    raw = ds.rename_columns({"prompt": "question", "completion": "answer"})
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match=r"train_dataset has the columns 'question', 'answer', and SFT reads a text "
+                                         r"column 'text' .* 'messages' \(chats\), 'prompt' and 'completion'"):
+        SelectiveSFTTrainer(model=str(d / "model"), args=args, train_dataset=raw, processing_class=tokenizer)
+    with pytest.raises(ValueError, match=r"eval_dataset has the columns 'prompt' \(it has 'prompt' without "
+                                         r"'completion'\)"):
+        SelectiveSFTTrainer(model=str(d / "model"), args=args, train_dataset=ds, processing_class=tokenizer,
+                            eval_dataset=ds.remove_columns("completion"))
+    # a column named as SFTConfig(dataset_text_field=...) says is taken
+    texts = ds.map(lambda r: {"body": r["prompt"] + r["completion"]}, remove_columns=["prompt", "completion"])
+    trainer = SelectiveSFTTrainer(model=str(d / "model"), args=SFTConfig(output_dir=str(tmp_path / "ok"), max_steps=1,
+                                  report_to=[], use_cpu=True, dataset_text_field="body"), train_dataset=texts,
+                                  processing_class=tokenizer, ratio=1.0)
+    assert "input_ids" in trainer.train_dataset.column_names

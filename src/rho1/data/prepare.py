@@ -214,8 +214,12 @@ def _prepare(cfg: PrepareConfig, out: Path, progress: bool) -> TokenStore:
         tokenizer, tokenizer_name = _tokenizer(cfg, ())
         chat = chat_renderer(tokenizer, cfg.chat_field)
 
-    def documents():
-        return read_documents(files, cfg.text_field, template, cfg.target_field, cfg.split, cfg.label_field, chat)
+    without_answer = [0]  # chats with no assistant turn, counted as they are written
+
+    def documents(count: bool = False):
+        for doc in read_documents(files, cfg.text_field, template, cfg.target_field, cfg.split, cfg.label_field, chat):
+            without_answer[0] += count and chat is not None and not doc.target_spans
+            yield doc
 
     if next(iter(documents()), None) is None:
         raise ValueError(f"no text found in {', '.join(map(str, files))}; the corpus is empty")
@@ -225,7 +229,11 @@ def _prepare(cfg: PrepareConfig, out: Path, progress: bool) -> TokenStore:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        written = write_stream(tmp, tokenizer, documents(), cfg.batch_docs, progress, cfg.workers)
+        written = write_stream(tmp, tokenizer, documents(count=True), cfg.batch_docs, progress, cfg.workers)
+        if chat is not None and without_answer[0] == written["n_docs"]:
+            raise ValueError(f"none of the {written['n_docs']:,} chats in --chat-field {cfg.chat_field!r} has an "
+                             "assistant turn, so the store would hold no answer token to train on; give each chat "
+                             'its {"role": "assistant", ...} replies (or prepare plain text without --chat-field)')
     except BaseException:  # e.g. a bad line far into a jsonl file, read as it streams: nothing half-written stays
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -236,7 +244,7 @@ def _prepare(cfg: PrepareConfig, out: Path, progress: bool) -> TokenStore:
                 "tokenizer": {"name": tokenizer_name, "hash": tokenizer_hash(tokenizer)},
                 "sources": [str(f) for f in files], "text_field": cfg.text_field, "split": cfg.split,
                 "template": template, "target_field": cfg.target_field, "label_field": cfg.label_field,
-                "chat_field": cfg.chat_field,
+                "chat_field": cfg.chat_field, **({"chats_without_answer": without_answer[0]} if chat else {}),
                 "labels": written["labels"],
                 **{k: written[k] for k in ("has_target_mask", "content_hash", "sha256")}, "seconds": round(seconds, 3)}
     write_json_atomic(tmp / "manifest.json", manifest)
@@ -244,4 +252,7 @@ def _prepare(cfg: PrepareConfig, out: Path, progress: bool) -> TokenStore:
     if progress:
         print(f"prepare: {written['n_tokens']:,} tokens in {written['n_docs']:,} documents -> {out} "
               f"({written['n_tokens'] / max(seconds, 1e-9):,.0f} tokens/s, {written['dtype']})")
+    if progress and without_answer[0]:
+        print(f"prepare: {without_answer[0]:,} of {written['n_docs']:,} chats have no assistant turn: nothing of them "
+              "is trained on with --train-on target")
     return TokenStore.open(out)
