@@ -15,11 +15,11 @@ from pathlib import Path
 
 from rho1.checks import (  # noqa: F401
     check_choice,
+    check_not_self,
     check_positive,
     check_ratio,
     check_rule_options,
     check_self_reference,
-    check_not_self,
     check_seq_len,
 )
 from rho1.selection.rules import RULES
