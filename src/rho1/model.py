@@ -39,10 +39,12 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, dtype: torch.
                attn_implementation: str | None = None):
     """Any Hugging Face causal LM by local path or hub name, from safetensors weights only (``attn_implementation``:
     None for transformers' default, sdpa where the model supports it)."""
-    from rho1.pretrained import locate
+    from rho1.pretrained import is_gguf, locate
 
     name = locate(name_or_path, "model")
     attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if is_gguf(name):
+        return load_gguf(Path(name), dtype or torch.float32, attention)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype or torch.float32, **attention
@@ -57,6 +59,27 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, dtype: torch.
     except ValueError as err:  # e.g. "Unrecognized model", a config of another kind of model
         raise ValueError(f"could not load model {name_or_path} as a causal LM: {' '.join(str(err).split())[:300]}") \
             from err
+    return model
+
+
+def load_gguf(path: Path, dtype: torch.dtype, attention: dict):
+    """A causal LM from a GGUF file through transformers' own reader, dequantised to ``dtype``. Its weights are
+    then plain tensors, but transformers still marks the model as GGUF-quantised, so that ``Trainer`` refuses to
+    train it and ``save_pretrained`` writes the mark into config.json: the mark goes, and the model is what a
+    folder of the same weights would load as."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **attention)
+    except (ValueError, NotImplementedError, KeyError) as err:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+        raise ValueError(f"transformers cannot load {path} ({' '.join(str(err).split())[:200]}); it reads GGUF files "
+                         f"of {', '.join(sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {'general', 'tokenizer'}))}: convert the model to a folder with "
+                         "save_pretrained elsewhere and pass that folder") from None
+    except OSError as err:
+        raise ValueError(f"could not read GGUF file {path}: {' '.join(str(err).split())[:300]}") from None
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)  # what transformers' own dequantize() does
+    model.config._is_quantized = False
     return model
 
 
@@ -87,7 +110,7 @@ def check_positions(model, seq_len: int, model_name: str, flag: str = "--seq-len
 def stored_dtype(name_or_path: str | None) -> torch.dtype:
     """The dtype a model's weights were saved in (its config.json says), which its run's checkpoints keep;
     float32 for a fresh model or when the config does not say."""
-    if not name_or_path:
+    if not name_or_path or str(name_or_path).lower().endswith(".gguf"):  # a GGUF model is dequantised to float32
         return torch.float32
     path = Path(name_or_path) / "config.json"
     try:
@@ -118,7 +141,11 @@ def model_hash(name_or_path: str, model=None) -> str:
     """Fingerprint of a model: config + weight files for a local folder, else the hub commit."""
     path = Path(name_or_path)
     h = hashlib.sha256()
-    if path.is_dir():
+    if path.is_file():  # a .gguf file
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+    elif path.is_dir():
         for f in sorted(path.glob("*.safetensors")) + [path / "config.json"]:
             if f.is_file():
                 h.update(f.name.encode())
@@ -143,7 +170,7 @@ def check_model_fits(model, store, model_name: str, cross_tokenizer_hint: bool =
             + hint
         )
     tok_dir = Path(model_name).expanduser()
-    if (tok_dir / "tokenizer_config.json").is_file() or (tok_dir / "tokenizer.json").is_file():
+    if tok_dir.is_file() or (tok_dir / "tokenizer_config.json").is_file() or (tok_dir / "tokenizer.json").is_file():
         from rho1.data.tokenizer import load_tokenizer, tokenizer_hash
 
         if tokenizer_hash(load_tokenizer(tok_dir)) != store.tokenizer_hash:

@@ -1,5 +1,5 @@
-"""Where a model or tokenizer named on the command line comes from: a local folder, or a Hugging Face hub
-name. Every way of getting it wrong is one sentence before anything loads (a run folder, a TokenStore,
+"""Where a model or tokenizer named on the command line comes from: a local folder, a .gguf file, or a Hugging
+Face hub name. Every way of getting it wrong is one sentence before anything loads (a run folder, a TokenStore,
 a path that does not exist, a hub name without a network), instead of a long traceback after a timeout."""
 
 from __future__ import annotations
@@ -41,6 +41,19 @@ def _cached(name: str) -> bool:
     return any(isinstance(try_to_load_from_cache(name, f), str) for f in ("config.json", "tokenizer_config.json"))
 
 
+def is_gguf(name_or_path) -> bool:
+    """A path to a GGUF file (llama.cpp's format), which transformers loads dequantised with its tokenizer."""
+    return str(name_or_path).lower().endswith(".gguf")
+
+
+def check_gguf_installed(name: str) -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ValueError(f"{name} is a GGUF file, which transformers reads with the gguf package; install it "
+                         "(pip install 'rho1[gguf]', or pip install gguf)") from None
+
+
 def locate(name_or_path: str, what: str = "model") -> str:
     """``name_or_path`` ready for ``from_pretrained``, or a ValueError naming the problem and the fix."""
     name = str(name_or_path)
@@ -49,9 +62,16 @@ def locate(name_or_path: str, what: str = "model") -> str:
         raise ValueError(f"{what} {name} is a symbolic link that leads nowhere (a loop, or its target is gone); pass "
                          "the folder itself")
     if path.exists():
+        if path.is_file() and is_gguf(path):
+            check_gguf_installed(name)
+            with open(path, "rb") as f:
+                if f.read(4) != b"GGUF":
+                    raise ValueError(f"{what} {name} is not a GGUF file (it does not begin with GGUF's magic bytes); "
+                                     "pass a .gguf file written by llama.cpp's tools, or a model folder")
+            return str(path)
         if not path.is_dir():
             raise ValueError(f"{what} {name} is a file; pass the folder that holds config.json (a checkpoint folder "
-                             "such as RUN/final) or a hub name")
+                             "such as RUN/final), a .gguf file or a hub name")
         manifest = path / "manifest.json"
         if manifest.is_file():
             try:

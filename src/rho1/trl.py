@@ -26,7 +26,10 @@ try:
 except ImportError as err:  # the optional extra
     raise ImportError("rho1.trl needs TRL: pip install 'rho1[trl]' (or pip install trl)") from err
 
+from rho1.data.tokenizer import load_tokenizer
 from rho1.hf import SelectiveTrainer
+from rho1.model import load_model
+from rho1.pretrained import is_gguf
 
 
 def check_sft_columns(dataset, args, formatting_func=None, which: str = "train_dataset") -> None:
@@ -56,6 +59,11 @@ class SelectiveSFTTrainer(SelectiveTrainer, SFTTrainer):
     def __init__(self, *args, **kwargs):
         names = ("model", "args", "data_collator", "train_dataset", "eval_dataset")
         given = {**dict(zip(names, args)), **kwargs}
+        model = given.get("model")
+        if isinstance(model, str) and is_gguf(model):  # TRL's from_pretrained takes no GGUF file: rho1 loads it
+            args, kwargs = (), {**given, "model": load_model(model)}
+            if kwargs.get("processing_class") is None:
+                kwargs["processing_class"] = load_tokenizer(model)
         for which in ("train_dataset", "eval_dataset"):
             datasets = given.get(which)
             for name, dataset in (datasets.items() if isinstance(datasets, dict) else [(which, datasets)]):

@@ -35,11 +35,13 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
 
 def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
     """A Hugging Face tokenizer by local path or hub name; it must have an EOS token to separate documents."""
-    from rho1.pretrained import locate
+    from rho1.pretrained import is_gguf, locate
 
     name = locate(str(name_or_path), "tokenizer")
     try:
-        if _saved_as_plain_fast(Path(name)):
+        if is_gguf(name):  # the vocabulary, merges and chat template a GGUF file carries
+            tok = AutoTokenizer.from_pretrained(str(Path(name).parent), gguf_file=Path(name).name)
+        elif _saved_as_plain_fast(Path(name)):
             # AutoTokenizer would pick the class of the model type in config.json (Qwen2Tokenizer for a qwen2
             # folder), which rebuilds the pre-tokenizer and normalizer: what loads must be what was saved
             tok = PreTrainedTokenizerFast.from_pretrained(name)
