@@ -330,6 +330,9 @@ class EvalConfig:
                                 "out of the evaluation)")
     limit: int = opt(0, "evaluate the first N problems (0: all)")
     max_new_tokens: int = opt(256, "generation length")
+    chat: bool = opt(False, "--answers: prompt with the model's chat template, the question as the user's turn and "
+                     "each exemplar as an earlier exchange (as chat-tuned models expect), instead of 'Question: ... "
+                     "Answer:'")
     generations: str | None = opt(None, "JSONL to write every prompt, generation, extracted and gold answer to")
     out: str | None = opt(None, "JSON file to write the results to (they are printed either way)", short="-o")
     ratio: float = opt(0.6, "fraction of tokens counted as selected")
@@ -365,6 +368,7 @@ class AnswerConfig:
     max_new_tokens: int = 256
     batch_size: int = 16
     out: str | None = None  # JSONL of every prompt, generation, extracted and gold answer
+    chat: bool = False  # prompt with the tokenizer's chat template (the question as the user's turn)
 
 
 @dataclass

@@ -50,15 +50,24 @@ def extract_answer(text: str) -> str | None:
     return normalize_number(numbers[-1]) if numbers else None
 
 
-def few_shot_prompt(question: str, exemplars: list[dict]) -> str:
-    shots = "".join(QA_TEMPLATE.format(question=e["question"], answer=e["answer"].strip()) + "\n\n" for e in exemplars)
-    return shots + PROMPT_TEMPLATE.format(question=question)
+def few_shot_prompt(question: str, exemplars: list[dict], tokenizer=None) -> str:
+    """The prompt of a problem: ``Question: ...\nAnswer:`` after the solved exemplars, or with ``tokenizer`` its chat
+    template's rendering of the exemplars as earlier exchanges and the question as the user's turn."""
+    if tokenizer is None:
+        shots = "".join(QA_TEMPLATE.format(question=e["question"], answer=e["answer"].strip()) + "\n\n"
+                        for e in exemplars)
+        return shots + PROMPT_TEMPLATE.format(question=question)
+    turns = [m for e in exemplars for m in ({"role": "user", "content": e["question"]},
+                                            {"role": "assistant", "content": e["answer"].strip()})]
+    return tokenizer.apply_chat_template([*turns, {"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
 
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 16,
                      progress: bool = False) -> list[str]:
-    """Greedy continuations of the prompts, cut at the stop rule (the next 'Question:') and at EOS."""
+    """Greedy continuations of the prompts, cut at the stop rule (the next 'Question:') and at EOS (a chat
+    template's end of turn)."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     outputs = []
@@ -77,13 +86,13 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
 
 
 @torch.no_grad()
-def gold_loss(model, tokenizer, prompts: list[str], solutions: list[str]) -> float:
+def gold_loss(model, tokenizer, prompts: list[str], solutions: list[str], chat: bool = False) -> float:
     """Mean loss per token of the gold solutions given their prompts (the paper's downstream loss)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for prompt, solution in zip(prompts, solutions):
         p = tokenizer(prompt, add_special_tokens=False).input_ids
-        s = tokenizer(" " + solution.strip(), add_special_tokens=False).input_ids
+        s = tokenizer(("" if chat else " ") + solution.strip(), add_special_tokens=False).input_ids
         ids = torch.tensor([p + s], device=device)
         logits = model(input_ids=ids).logits[0, len(p) - 1 : -1].float()
         total += float(F.cross_entropy(logits, ids[0, len(p) :], reduction="sum"))
@@ -103,11 +112,14 @@ def answer_accuracy(model, tokenizer, cfg: AnswerConfig, progress: bool = True) 
         records = records[: cfg.limit]
     if not records:
         raise ValueError(f"{cfg.answers} has no problems left to evaluate; lower --shots or pass --exemplars")
-    prompts = [few_shot_prompt(r["question"], exemplars) for r in records]
+    if cfg.chat and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--chat prompts with the model's chat template, and its tokenizer has none; drop --chat (the "
+                         "prompts are then 'Question: ... Answer:')")
+    prompts = [few_shot_prompt(r["question"], exemplars, tokenizer if cfg.chat else None) for r in records]
     was_training = model.training
     model.eval()
     generations = generate_answers(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, progress)
-    downstream = gold_loss(model, tokenizer, prompts, [r["answer"] for r in records])
+    downstream = gold_loss(model, tokenizer, prompts, [r["answer"] for r in records], cfg.chat)
     model.train(was_training)
     rows = []
     for record, prompt, text in zip(records, prompts, generations):
@@ -119,4 +131,4 @@ def answer_accuracy(model, tokenizer, cfg: AnswerConfig, progress: bool = True) 
         Path(cfg.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
     correct = sum(r["correct"] for r in rows)
     return {"accuracy": correct / len(rows), "correct": correct, "problems": len(rows), "shots": cfg.shots,
-            "gold_loss": downstream}
+            "chat": cfg.chat, "gold_loss": downstream}

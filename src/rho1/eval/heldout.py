@@ -95,7 +95,7 @@ def _evaluate(cfg: EvalConfig, stores: list, scores: list, seq_len: int, progres
         from rho1.eval.accuracy import answer_accuracy
 
         answers = AnswerConfig(cfg.answers, cfg.shots, cfg.exemplars, cfg.limit, cfg.max_new_tokens, cfg.batch_size,
-                               cfg.generations)
+                               cfg.generations, cfg.chat)
         results["answers"] = answer_accuracy(model, load_tokenizer(cfg.model, cfg.trust_remote_code), answers)
     for store, score_store in zip(stores, scores):
         check_model_fits(model, store, cfg.model)
