@@ -49,11 +49,12 @@ from common import StageTimes, add_data_dir, check_data_dir
 from real_data_efficiency import SOLVERS, _jsonl, _passages, _source_code, _write, selected_shares
 
 from rho1.config import ExportConfig, TrainConfig
+from rho1.data.export_format import kept_positions
 from rho1.data.prepare import PrepareConfig, prepare
 from rho1.data.store import TokenStore
 from rho1.eval.accuracy import QA_TEMPLATE
 from rho1.eval.curves import format_efficiency, read_curve, token_efficiency
-from rho1.export import export, kept_positions
+from rho1.export import export
 from rho1.score import ScoreConfig, score
 from rho1.train import train
 

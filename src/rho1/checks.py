@@ -1,10 +1,7 @@
-"""The checks of options every stage shares (a ratio, a choice, a positive number...): a leaf module (the
-rule names are looked up only when a rule is checked), so the configs and the selection code both use it
-without importing each other."""
+"""The checks of options every stage shares (a ratio, a choice, a positive number...): a leaf module that
+imports nothing of rho1, so the configs and the selection code both use it."""
 
 from __future__ import annotations
-
-import math
 
 
 def check_ratio(ratio: float) -> float:
@@ -36,15 +33,6 @@ def check_seq_len(seq_len: int | None) -> None:
                          f"got {seq_len}")
 
 
-def check_rule_options(rule: str, temperature: float, threshold: float) -> None:
-    check_choice("rule", rule, tuple(_rules()))
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"--temperature must be a positive number, got {temperature}; e.g. 0.25 (towards 0 the soft "
-                         "rule becomes topk)")
-    if not math.isfinite(threshold):
-        raise ValueError(f"--threshold must be a finite number of nats, got {threshold}")
-
-
 def check_self_reference(is_self: bool, ema: float | None, every: int, cli: bool = True) -> None:
     """The options that move a self reference (a moving average, or a copy every N steps), as `rho1 train` spells
     them (``cli``) or as ``SelectiveTrainer`` takes them."""
@@ -67,9 +55,3 @@ def check_not_self(flag: str, value: str | None, verb: str) -> None:
     if value == "self" and not Path(value).exists():
         raise ValueError(f"{flag} self is a reference of `rho1 train --reference self` only (the learner as it trains); "
                          f"{verb} needs a trained model: pass its folder, .gguf file or hub name")
-
-
-def _rules():
-    from rho1.selection.rules import RULES
-
-    return RULES

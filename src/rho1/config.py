@@ -18,11 +18,10 @@ from rho1.checks import (  # noqa: F401
     check_not_self,
     check_positive,
     check_ratio,
-    check_rule_options,
     check_self_reference,
     check_seq_len,
 )
-from rho1.selection.rules import RULES
+from rho1.selection.rules import RULES, check_rule_options
 from rho1.selection.scores import SCORES
 
 PRECISIONS = ("no", "bf16", "fp16")

@@ -29,8 +29,9 @@ import torch
 
 from rho1.accel import compute_dtype
 from rho1.config import ExportConfig, Interrupted, stop_if_ctrl_c
+from rho1.data.export_format import EXPORT_FORMAT
 from rho1.data.loader import IGNORE_INDEX, WindowOrder, make_batch, trainable_mask
-from rho1.data.store import ScoreStore, TokenStore, check_writable, open_with_scores, read_json
+from rho1.data.store import ScoreStore, check_writable, open_with_scores
 from rho1.head import batch_token_losses, linear_head_of, token_losses
 from rho1.lock import check_not_inside, write_lock
 from rho1.model import check_model_fits, load_model, model_hash
@@ -38,7 +39,6 @@ from rho1.progress import progress_bar
 from rho1.selection import get_rule, select_from_token_loss
 from rho1.threads import set_threads
 
-EXPORT_FORMAT = "rho1-export-1"
 MARKER = ".rho1-export-in-progress"
 
 
@@ -196,41 +196,6 @@ def dataset_weights(cfg: ExportConfig, store, scores, model, keep, progress: boo
     picked = select_from_token_loss(torch.from_numpy(np.nan_to_num(losses))[None], labels, ref, cfg.ratio, cfg.score,
                                     generator=generator, rule=cfg.rule, rule_options=cfg.rule_options)
     return picked.weights[0].numpy().astype(np.float32), picked.n_valid
-
-
-def kept_positions(path: str | Path, store: TokenStore, seq_len: int | None) -> np.ndarray:
-    """1 per stream position of ``store`` whose token an export labelled (its ``offset`` + the label's index),
-    after checking that the export was made from this store with these windows and a rule without weights."""
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    how = "export it again with `rho1 export`"
-    manifest = read_json(path / "manifest.json", how) if (path / "manifest.json").is_file() else None
-    if manifest is None or manifest.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"--selection {path} is not an export of `rho1 export` (no manifest.json of format "
-                         f"{EXPORT_FORMAT}); pass the --out folder of `rho1 export`")
-    if manifest["token_store_hash"] != store.hash:
-        if Path(manifest["token_store"]).resolve() == Path(store.path).resolve():
-            raise ValueError(f"the TokenStore {store.path} was prepared again since --selection {path} was exported "
-                             "from it, so the export's positions no longer name its tokens; export it again with "
-                             "`rho1 export`")
-        raise ValueError(f"--selection {path} was made from another TokenStore ({manifest['token_store']}), not "
-                         f"{store.path}; pass that store as --data, or export this one")
-    if seq_len is not None and manifest["seq_len"] != seq_len:
-        raise ValueError(f"--selection {path} holds windows of {manifest['seq_len']} tokens but --seq-len is "
-                         f"{seq_len}; pass --seq-len {manifest['seq_len']}")
-    if "weights" in manifest["columns"] and not get_rule(manifest["rule"]).hard:
-        raise ValueError(f"--selection {path} was made with the soft rule {manifest['rule']!r}, whose weights rho1 "
-                         "train --selection does not read; export with a hard rule (topk, threshold)")
-    if "offset" not in manifest["columns"]:
-        raise ValueError(f"--selection {path} has no offset column (made by an older rho1); {how}")
-    keep = np.zeros(store.n_tokens, dtype=np.uint8)
-    for shard in manifest["shards"]:
-        table = pq.read_table(path / shard, columns=["labels", "offset"])
-        for labels, offset in zip(table.column("labels").to_numpy(zero_copy_only=False),
-                                  table.column("offset").to_numpy()):
-            keep[offset + np.flatnonzero(np.asarray(labels) != IGNORE_INDEX)] = 1
-    return keep
 
 
 def _write_dataset(partial: Path, shards: list[str], progress: bool) -> None:

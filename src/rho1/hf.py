@@ -26,13 +26,14 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from rho1.align import CrossTokenizerReference
-from rho1.checks import check_rule_options, check_self_reference
+from rho1.checks import check_self_reference
 from rho1.data.loader import IGNORE_INDEX, trainable_mask
 from rho1.data.store import ScoreStore, TokenStore
 from rho1.head import chunked_head_supported, forward_selection, head_is_linear, reference_token_losses
 from rho1.model import advance_reference, position_limit
 from rho1.selection import (
     check_ratio,
+    check_rule_options,
     check_score,
     get_score,
     num_selected,

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rho1.data.store import ScoreStore, TokenStore
-
-IGNORE_INDEX = -100
+from rho1.data.export_format import kept_positions
+from rho1.data.store import IGNORE_INDEX, ScoreStore, TokenStore
 
 
 @dataclass
@@ -62,8 +61,6 @@ def trainable_mask(store: TokenStore, train_on: str = "all", selection: str | No
                              "--template and --target-field (or --chat-field), or use --train-on all")
         keep = np.asarray(store.target_mask)
     if selection is not None:
-        from rho1.export import kept_positions
-
         kept = kept_positions(selection, store, seq_len)
         keep = kept if keep is None else keep & kept
     return keep

@@ -32,6 +32,7 @@ import numpy as np
 
 TOKEN_FORMAT = "rho1.token_store/1"
 SCORE_FORMAT = "rho1.score_store/1"
+IGNORE_INDEX = -100  # the label of a token nothing is trained on (padding, a prompt, a token an export dropped)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

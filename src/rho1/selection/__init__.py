@@ -2,6 +2,7 @@
 
     scores.py     registry of score functions (register_score); imports no torch
     rules.py      registry of selection rules (register_rule): topk, soft, threshold; imports no torch
+    ranking.py    how many tokens a ratio keeps, and the top k of a score (what rules and losses share)
     loss.py       Selection, selective_loss, select_from_token_loss: weights by rule and score, the weighted loss
     linear_ce.py  the same from the LM head's input, in chunks, without the [tokens x vocab] logits
 
@@ -9,16 +10,17 @@ Everything is importable from here. The names from loss.py and linear_ce.py load
 ``rho1.selection.scores`` (and the CLI that lists its names) stays light.
 """
 
-from rho1.selection.rules import RULES, SelectionRule, check_rule, get_rule, register_rule
+from rho1.selection.rules import RULES, SelectionRule, check_rule, check_rule_options, get_rule, register_rule
 from rho1.selection.scores import SCORES, ScoreFunction, check_score, get_score, register_score
 
 _HEAVY = {
-    "loss": ("Selection", "check_inputs", "num_selected", "select_from_token_loss", "select_top", "selection_stats",
-             "selective_loss", "token_cross_entropy", "valid_mask"),
+    "ranking": ("num_selected", "select_top", "valid_mask"),
+    "loss": ("Selection", "check_inputs", "select_from_token_loss", "selection_stats", "selective_loss",
+             "token_cross_entropy"),
     "linear_ce": ("chunked_cross_entropy", "default_chunk_size", "grad_chunk_size", "selective_linear_cross_entropy"),
 }
 __all__ = ["SCORES", "ScoreFunction", "check_score", "get_score", "register_score", "check_ratio",
-           "RULES", "SelectionRule", "check_rule", "get_rule", "register_rule",
+           "RULES", "SelectionRule", "check_rule", "check_rule_options", "get_rule", "register_rule",
            *(name for names in _HEAVY.values() for name in names)]
 
 

@@ -12,8 +12,11 @@ give only 0 and 1, so only their kept tokens need a backward. Imports no torch, 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from rho1.checks import check_choice
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,18 @@ def check_rule(name: str) -> str:
     return name
 
 
+def check_rule_options(rule: str, temperature: float, threshold: float) -> None:
+    check_choice("rule", rule, tuple(RULES))
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"--temperature must be a positive number, got {temperature}; e.g. 0.25 (towards 0 the soft "
+                         "rule becomes topk)")
+    if not math.isfinite(threshold):
+        raise ValueError(f"--threshold must be a finite number of nats, got {threshold}")
+
+
 def topk(scores, valid, ratio, **options):
     """Exactly round(ratio * valid tokens) of the highest scores (the paper's rule); ties keep earlier tokens."""
-    from rho1.selection.loss import num_selected, select_top
+    from rho1.selection.ranking import num_selected, select_top
 
     return select_top(scores, valid, num_selected(int(valid.sum()), ratio)).float()
 
@@ -62,7 +74,7 @@ def soft(scores, valid, ratio, temperature: float = 0.25, **options):
     weights tend to top-k as the temperature goes to 0 and no gradient is cut by a hair's difference in score."""
     import torch
 
-    from rho1.selection.loss import num_selected
+    from rho1.selection.ranking import num_selected
 
     n_valid = int(valid.sum())
     k = num_selected(n_valid, ratio)
@@ -76,7 +88,7 @@ def soft(scores, valid, ratio, temperature: float = 0.25, **options):
 
 def threshold(scores, valid, ratio, threshold: float = 0.0, **options):
     """The tokens scoring above ``threshold`` (nats of excess loss), at most the top ``ratio`` of them."""
-    from rho1.selection.loss import num_selected, select_top
+    from rho1.selection.ranking import num_selected, select_top
 
     above = valid & (scores > threshold)
     k = num_selected(int(valid.sum()), ratio)
