@@ -88,10 +88,14 @@ def _complete_utf8(data: bytes) -> tuple[int, int]:
     return head, tail
 
 
-class CrossTokenizerReference:
-    """A reference model and its tokenizer, scoring windows of another tokenizer's tokens."""
+class CrossTokenizerReference(torch.nn.Module):
+    """A reference model and its tokenizer, scoring windows of another tokenizer's tokens. A module holding the
+    model, so it moves, freezes and switches to eval as the model does."""
+
+    cross_tokenizer = True  # rho1.head.batch_token_losses asks this object for its losses
 
     def __init__(self, model, tokenizer, learner_tokenizer, max_length: int | None = None):
+        super().__init__()
         self.model, self.tokenizer = model, tokenizer
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("--cross-tokenizer needs a fast (Rust) reference tokenizer, for its character offsets")
@@ -114,34 +118,9 @@ class CrossTokenizerReference:
         self.max_length = max_length or (position_limit(model) or 2048)
         self._linear_head: bool | None = None
 
-    cross_tokenizer = True  # rho1.head.batch_token_losses asks this object for its losses
-
     @property
     def config(self):
         return self.model.config
-
-    @property
-    def training(self) -> bool:
-        return self.model.training
-
-    def parameters(self):
-        return self.model.parameters()
-
-    def to(self, device):
-        self.model.to(device)
-        return self
-
-    def eval(self):
-        self.model.eval()
-        return self
-
-    def train(self, mode: bool = True):
-        self.model.train(mode)
-        return self
-
-    def requires_grad_(self, flag: bool = True):
-        self.model.requires_grad_(flag)
-        return self
 
     def _windows(self, rows: np.ndarray) -> list[Plan]:
         """The reference ids of each row of learner ids and what each covers (``Plan``); the text of every run
@@ -206,15 +185,9 @@ class CrossTokenizerReference:
         c_end = np.array([e for _, e in offsets], dtype=np.int64)
         return np.where(c_end > 0, char_end[np.maximum(c_end - 1, 0)] if len(char_end) else 0, 0)
 
-    @torch.no_grad()
-    def losses(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Projected reference losses, shaped like ``input_ids`` [windows, L]: ``out[b, t]`` is the loss of
-        learner token ``t + 1`` given the window (the labels' convention), NaN where there is none."""
-        from rho1.head import batch_token_losses, head_is_linear
-
-        device = next(self.model.parameters()).device
-        plans = self._windows(input_ids.cpu().numpy())
-        # each row right-padded, longer ones cut to their last max_length ids (the cut part gets no loss)
+    def _batch(self, plans: list[Plan]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """(reference ids, their labels, how many leading ids each row lost): every row right-padded, a longer
+        one cut to its last max_length ids (the cut part gets no loss)."""
         cut = [max(0, len(p.ref_ids) - self.max_length) for p in plans]
         width = max(1, *(len(p.ref_ids) - c for p, c in zip(plans, cut)))
         batch = torch.full((len(plans), width), self.eos, dtype=torch.long)
@@ -226,6 +199,17 @@ class CrossTokenizerReference:
             batch[b, : len(row)] = row
             if len(row) > 1:
                 labels[b, : len(row) - 1] = row[1:]
+        return batch, labels, cut
+
+    @torch.no_grad()
+    def losses(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Projected reference losses, shaped like ``input_ids`` [windows, L]: ``out[b, t]`` is the loss of
+        learner token ``t + 1`` given the window (the labels' convention), NaN where there is none."""
+        from rho1.head import batch_token_losses, head_is_linear
+
+        device = next(self.model.parameters()).device
+        plans = self._windows(input_ids.cpu().numpy())
+        batch, labels, cut = self._batch(plans)
         batch = batch.to(device)
         if self._linear_head is None:  # chunked losses, never the [tokens x vocab] logits, when the head allows
             self._linear_head = head_is_linear(self.model, batch[:1, :32])

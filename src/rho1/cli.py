@@ -137,7 +137,7 @@ def run_stage(command: str, cfg, args: argparse.Namespace):
 
         return export(cfg)
     if command == "eval":
-        from rho1.eval.heldout import evaluate_model
+        from rho1.evaluate import evaluate_model
 
         results = evaluate_model(cfg)
         print(json.dumps(results, indent=2))

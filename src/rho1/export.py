@@ -28,11 +28,12 @@ import numpy as np
 import torch
 
 from rho1.accel import compute_dtype
-from rho1.config import ExportConfig, Interrupted, stop_if_ctrl_c
+from rho1.config import ExportConfig
 from rho1.data.export_format import EXPORT_FORMAT
 from rho1.data.loader import IGNORE_INDEX, WindowOrder, make_batch, trainable_mask
 from rho1.data.store import ScoreStore, check_writable, open_with_scores
 from rho1.head import batch_token_losses, linear_head_of, token_losses
+from rho1.interrupt import Interrupted, stop_if_ctrl_c
 from rho1.lock import check_not_inside, write_lock
 from rho1.model import check_model_fits, load_model, model_hash
 from rho1.progress import progress_bar

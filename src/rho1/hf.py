@@ -18,19 +18,17 @@ own starting weights are the reference (``reference_ema`` / ``reference_update``
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 
 from rho1.align import CrossTokenizerReference
 from rho1.checks import check_self_reference
-from rho1.data.loader import IGNORE_INDEX, trainable_mask
-from rho1.data.store import ScoreStore, TokenStore
+from rho1.data.store import IGNORE_INDEX
+from rho1.data.windows import SelectiveCollator, WindowsDataset, windows_dataset  # noqa: F401 (rho1.hf's API)
 from rho1.head import chunked_head_supported, forward_selection, head_is_linear, reference_token_losses
-from rho1.model import advance_reference, position_limit
+from rho1.model import position_limit
 from rho1.selection import (
     check_ratio,
     check_rule_options,
@@ -40,52 +38,7 @@ from rho1.selection import (
     select_from_token_loss,
     token_cross_entropy,
 )
-
-
-class WindowsDataset(torch.utils.data.Dataset):
-    """The store's windows of ``seq_len`` tokens as examples ``{"input_ids", "offset"}``, read from the
-    memory-mapped store when asked for (a store of any size, in constant memory). Picklable for DataLoader
-    workers: a worker reopens the store by its path instead of copying the tokens."""
-
-    def __init__(self, store: TokenStore, seq_len: int, train_on: str = "all"):
-        self.path, self.seq_len, self._store, self.train_on = Path(store.path), seq_len, store, train_on
-        self._len = store.num_windows(seq_len)
-        if train_on == "target":
-            trainable_mask(store, "target")  # one sentence when the store has no target tokens
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(self._len))]
-        if index < 0:
-            index += self._len
-        if not 0 <= index < self._len:
-            raise IndexError(f"window {index} of {self._len}")
-        start = index * self.seq_len
-        tokens = self.store.tokens[start : start + self.seq_len].astype(np.int64)
-        example = {"input_ids": tokens.tolist(), "offset": start}
-        if self.train_on == "target":  # labels as Trainer takes them (unshifted): -100 on every prompt token
-            target = np.asarray(self.store.target_mask[start : start + len(tokens)]) > 0
-            example["labels"] = np.where(target, tokens, IGNORE_INDEX).tolist()
-        return example
-
-    @property
-    def store(self) -> TokenStore:
-        if self._store is None:
-            self._store = TokenStore.open(self.path)
-        return self._store
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_store": None}
-
-
-def windows_dataset(store: TokenStore, seq_len: int, train_on: str = "all") -> WindowsDataset:
-    """The store's windows of ``seq_len`` tokens as examples ``{"input_ids", "offset"}``, the windows
-    `rho1 train` and `rho1 score` use, so a ScoreStore's losses line up with them (a lazy Dataset).
-    ``train_on="target"``: with ``labels``, -100 on every token outside the store's target (the prompts)."""
-    return WindowsDataset(store, seq_len, train_on)
+from rho1.self_reference import advance_reference, check_self_reference_supported, frozen_copy
 
 
 def check_batch_fits(model, input_ids: torch.Tensor, which: str = "the model", position_ids=None) -> None:
@@ -103,50 +56,6 @@ def check_batch_fits(model, input_ids: torch.Tensor, which: str = "the model", p
                if which == "the reference model" else "tokenize the data with the model's own tokenizer")
         raise ValueError(f"a batch holds token id {largest} but {which} has {n_embed} token embeddings (another "
                          f"tokenizer); {fix}")
-
-
-class SelectiveCollator:
-    """Right-pads ``input_ids`` (and ``labels`` when given, else labels = input_ids) into a batch, with
-    ``labels`` of -100 at padding and ``ref_loss`` per token (the reference loss of predicting that token;
-    NaN where unknown) looked up in ``scores`` for examples with an ``offset``."""
-
-    def __init__(self, tokenizer=None, pad_token_id: int | None = None, scores: ScoreStore | None = None,
-                 store: TokenStore | None = None):
-        if pad_token_id is None:
-            pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_token_id, self.scores, self.tokenizer = pad_token_id, scores, tokenizer
-        # the scored corpus, to check each example's tokens against it
-        self.store = store or (TokenStore.open(scores.manifest["token_store"]) if scores is not None else None)
-
-    def __call__(self, examples: list[dict]) -> dict:
-        width = max(len(e["input_ids"]) for e in examples)
-        n = len(examples)
-        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((n, width), dtype=torch.long)
-        ref = torch.full((n, width), float("nan")) if self.scores is not None else None
-        for i, e in enumerate(examples):
-            ids = torch.as_tensor(e["input_ids"], dtype=torch.long)
-            input_ids[i, : len(ids)] = ids
-            labels[i, : len(ids)] = torch.as_tensor(e["labels"], dtype=torch.long) if "labels" in e else ids
-            attention[i, : len(ids)] = 1
-            if ref is not None:
-                ref[i, : len(ids)] = self._lookup(e, ids)
-        batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-        if ref is not None:
-            batch["ref_loss"] = ref
-        return batch
-
-    def _lookup(self, example: dict, ids: torch.Tensor) -> torch.Tensor:
-        if "offset" not in example:
-            raise ValueError("SelectiveCollator(scores=...) needs an 'offset' per example (the position of its first "
-                             "token in the scored TokenStore); make the dataset with rho1.hf.windows_dataset")
-        start = int(example["offset"])
-        stored = self.store.tokens[start : start + len(ids)]
-        if len(stored) != len(ids) or not np.array_equal(stored, ids.numpy()):
-            raise ValueError(f"example at offset {start} does not match the tokens the scores were computed on; "
-                             "the dataset and the ScoreStore come from different corpora or tokenizers")
-        return torch.from_numpy(np.asarray(self.scores.scores[start : start + len(ids)], dtype=np.float32))
 
 
 class SelectiveTrainer(Trainer):
@@ -173,54 +82,60 @@ class SelectiveTrainer(Trainer):
                  loss_impl: str = "auto", rule: str = "topk", temperature: float = 0.25, threshold: float = 0.0,
                  reference_tokenizer=None, reference_ema: float | None = None, reference_update: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
-        self_reference = isinstance(reference_model, str) and reference_model == "self"
-        if score is None:
-            score = "retrospective" if self_reference else "excess"
-        self.ratio, self.score = check_ratio(ratio), check_score(score)
-        check_self_reference(self_reference, reference_ema, reference_update, cli=False)
-        self.reference_ema, self.reference_update, self.self_reference = reference_ema, int(reference_update), \
-            self_reference
-        if self_reference:
-            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-                raise ValueError("reference_model='self' keeps a whole copy of the learner on each process (one "
-                                 "process or DDP), not under FSDP or DeepSpeed; pass a reference model or scores")
-            reference_model = copy.deepcopy(self.accelerator.unwrap_model(self.model))
-            if reference_ema is not None:  # as `rho1 train`: a moving average in bf16/fp16 would round small steps away
-                reference_model.float()
-            for module in reference_model.modules():  # a forward patched on the learner (TRL, under PEFT too)
-                module.__dict__.pop("forward", None)  # would still call the learner's own
-            if reference_ema is not None or reference_update:
-                self.add_callback(_MoveSelfReference(self))
-        elif isinstance(reference_model, (str, Path)):
-            from rho1.model import load_model
-
-            reference_model = load_model(str(reference_model))
+        self.self_reference = isinstance(reference_model, str) and reference_model == "self"
+        self.ratio = check_ratio(ratio)
+        self.score = check_score(score or ("retrospective" if self.self_reference else "excess"))
+        check_self_reference(self.self_reference, reference_ema, reference_update, cli=False)
+        self.reference_ema, self.reference_update = reference_ema, int(reference_update)
         check_rule_options(rule, temperature, threshold)
         self.rule, self.rule_options = rule, {"temperature": temperature, "threshold": threshold}
         if loss_impl not in ("auto", "logits"):
             raise ValueError(f"loss_impl must be auto or logits, got {loss_impl!r}")
         self.loss_impl = loss_impl
+        self.reference_model = self._reference(reference_model, reference_tokenizer)
+        self._check_reference_losses()
+        if self.reference_model is not None:
+            self.reference_model.to(self.args.device).eval().requires_grad_(False)
         self._chunked_head: bool | None = None  # decided at the first batch (see _use_chunked_head)
-        if reference_tokenizer is not None and reference_model is None:
-            raise ValueError("SelectiveTrainer(reference_tokenizer=...) is the tokenizer of reference_model=...; "
-                             "pass the reference model too")
-        if reference_model is not None and reference_tokenizer is not None:  # another tokenizer than the learner's
-            learner_tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
-            if learner_tokenizer is None:
-                raise ValueError("SelectiveTrainer(reference_tokenizer=...) needs the learner's tokenizer: pass "
-                                 "processing_class=TOKENIZER (or a collator with a .tokenizer)")
-            reference_model = CrossTokenizerReference(reference_model, reference_tokenizer, learner_tokenizer)
-        self.reference_model = reference_model
-        if self._selecting and get_score(self.score).needs_reference and not self._has_reference_losses():
-            raise ValueError(f"SelectiveTrainer with score={self.score!r} needs reference losses: pass "
-                             "reference_model=MODEL, or data_collator=SelectiveCollator(tokenizer, scores=ScoreStore) "
-                             "over a windows_dataset, or a dataset with a 'ref_loss' column")
-        if reference_model is not None:
-            reference_model.to(self.args.device).eval().requires_grad_(False)
         self._ref_head = None
         self._batch_checked = False
         self.selection_stats: dict = {}
         self.last_selection: torch.Tensor | None = None  # the weights of the last batch's tokens (shifted labels)
+
+    def _reference(self, reference_model, reference_tokenizer):
+        """The reference model as given: ``"self"`` (a copy of the learner), a path or hub name, a model, and with
+        ``reference_tokenizer`` (another tokenizer than the learner's) wrapped to project its losses."""
+        if self.self_reference:
+            return self._self_reference()
+        if isinstance(reference_model, (str, Path)):
+            from rho1.model import load_model
+
+            reference_model = load_model(str(reference_model))
+        if reference_tokenizer is None:
+            return reference_model
+        if reference_model is None:
+            raise ValueError("SelectiveTrainer(reference_tokenizer=...) is the tokenizer of reference_model=...; "
+                             "pass the reference model too")
+        learner_tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
+        if learner_tokenizer is None:
+            raise ValueError("SelectiveTrainer(reference_tokenizer=...) needs the learner's tokenizer: pass "
+                             "processing_class=TOKENIZER (or a collator with a .tokenizer)")
+        return CrossTokenizerReference(reference_model, reference_tokenizer, learner_tokenizer)
+
+    def _self_reference(self):
+        """A frozen copy of the learner's starting weights (float32 when it is a moving average), moved after each
+        optimizer step by ``reference_ema`` / ``reference_update``."""
+        sharded = "DeepSpeed" if self.is_deepspeed_enabled else "FSDP" if self.is_fsdp_enabled else None
+        check_self_reference_supported(sharded, "pass a reference model or scores")
+        if self.reference_ema is not None or self.reference_update:
+            self.add_callback(_MoveSelfReference(self))
+        return frozen_copy(self.accelerator.unwrap_model(self.model), float32=self.reference_ema is not None)
+
+    def _check_reference_losses(self) -> None:
+        if self._selecting and get_score(self.score).needs_reference and not self._has_reference_losses():
+            raise ValueError(f"SelectiveTrainer with score={self.score!r} needs reference losses: pass "
+                             "reference_model=MODEL, or data_collator=SelectiveCollator(tokenizer, scores=ScoreStore) "
+                             "over a windows_dataset, or a dataset with a 'ref_loss' column")
 
     def train(self, *args, **kwargs):
         """Trainer.train, holding the write lock of ``output_dir`` (one writer per folder, as `rho1 train`)."""
@@ -322,14 +237,19 @@ class SelectiveTrainer(Trainer):
                                   and head_is_linear(model, input_ids[:1, :32].to(self.args.device)))
         return self._chunked_head
 
+    def _check_batch(self, model, inputs: dict) -> None:
+        """The first batch, then every batch still on the CPU: reading a GPU batch's largest id waits for the
+        device, and a later batch of another tokenizer is rare enough to leave to the embedding's own check."""
+        if self._batch_checked and inputs["input_ids"].device.type != "cpu":
+            return
+        positions = inputs.get("position_ids")
+        check_batch_fits(self.accelerator.unwrap_model(model), inputs["input_ids"], position_ids=positions)
+        if self.reference_model is not None and not getattr(self.reference_model, "cross_tokenizer", False):
+            check_batch_fits(self.reference_model, inputs["input_ids"], "the reference model", positions)
+        self._batch_checked = True
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # the first batch, then every batch still on the CPU: reading a GPU batch's largest id waits for the device
-        if not self._batch_checked or inputs["input_ids"].device.type == "cpu":
-            positions = inputs.get("position_ids")
-            check_batch_fits(self.accelerator.unwrap_model(model), inputs["input_ids"], position_ids=positions)
-            if self.reference_model is not None and not getattr(self.reference_model, "cross_tokenizer", False):
-                check_batch_fits(self.reference_model, inputs["input_ids"], "the reference model", positions)
-            self._batch_checked = True
+        self._check_batch(model, inputs)
         inputs = dict(inputs)
         labels, ref = self._shifted(inputs)
         inputs.pop("labels")
@@ -349,13 +269,18 @@ class SelectiveTrainer(Trainer):
         self.selection_stats = selection.stats
         self.last_selection = selection.weights.detach() if selection.weights is not None else \
             selection.mask.detach().float()
-        if num_items_in_batch is None:
-            loss = selection.loss  # the mean over this micro-batch; Trainer divides by the accumulation steps
-        else:
-            loss = selection.loss_sum / num_items_in_batch
-            if self.args.average_tokens_across_devices and self.args.world_size > 1:
-                loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        loss = self._normalised(selection, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def _normalised(self, selection, num_items_in_batch) -> torch.Tensor:
+        """The selected tokens' loss over the tokens selected in the whole optimizer step (topk), else the mean over
+        this micro-batch (Trainer divides it by the accumulation steps)."""
+        if num_items_in_batch is None:
+            return selection.loss
+        loss = selection.loss_sum / num_items_in_batch
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        return loss
 
 
 class _MoveSelfReference(TrainerCallback):

@@ -220,15 +220,3 @@ def save_checkpoint(model, tokenizer, path: Path, extra: dict | None = None, sta
     tokenizer.save_pretrained(path)
     if extra:
         (path / "rho1_state.json").write_text(json.dumps(extra, indent=2))
-
-
-@torch.no_grad()
-def advance_reference(reference, learner, step: int, ema: float | None, every: int) -> None:
-    """A self reference after optimizer step ``step`` (counted from 1): with ``ema`` a step of its moving
-    average towards the learner (ref = ema * ref + (1 - ema) * learner), else every ``every`` steps a copy of it."""
-    if ema is not None:
-        for ref, p in zip(reference.parameters(), learner.parameters()):
-            ref.lerp_(p.detach().to(ref.dtype), 1.0 - ema)
-    elif every and step % every == 0:
-        for ref, p in zip(reference.parameters(), learner.parameters()):
-            ref.copy_(p.detach())

@@ -22,7 +22,7 @@ import numpy as np
 
 from rho1.accel import compute_dtype, hold_job_lock, make_accelerator
 from rho1.align import PROJECTION, load_reference
-from rho1.config import Interrupted, ScoreConfig, stop_if_ctrl_c
+from rho1.config import ScoreConfig
 from rho1.data.loader import trainable_mask
 from rho1.data.store import (
     SCORE_FORMAT,
@@ -34,6 +34,7 @@ from rho1.data.store import (
 )
 from rho1.data.tokenizer import tokenizer_hash
 from rho1.head import linear_head_of, token_losses
+from rho1.interrupt import Interrupted, stop_if_ctrl_c
 from rho1.lock import check_not_inside
 from rho1.model import check_positions, model_hash
 from rho1.progress import progress_bar

@@ -23,7 +23,7 @@ from rho1.head import head_is_linear
 from rho1.hf import SelectiveCollator, SelectiveTrainer, windows_dataset
 from rho1.model import load_model
 from rho1.score import score
-from rho1.train.loop import fit, setup
+from rho1.train import fit, setup
 
 SEQ = 32
 LAYERS = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)

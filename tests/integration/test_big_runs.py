@@ -14,8 +14,7 @@ import pytest
 from conftest import ROOT, SEQ_LEN, read_metrics
 
 from rho1.cli import main
-from rho1.train import TrainConfig, train
-from rho1.train.loop import setup
+from rho1.train import TrainConfig, setup, train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 

@@ -11,8 +11,8 @@ from conftest import SEQ_LEN, data_file, read_metrics
 from rho1.analysis.report import ReportConfig, build_report
 from rho1.data.prepare import PrepareConfig, prepare
 from rho1.score import ScoreConfig, score
-from rho1.train import TrainConfig, train
-from rho1.train.loop import micro_step, setup, step_batches
+from rho1.train import TrainConfig, setup, train
+from rho1.train.step import micro_step, step_batches
 
 SOLVERS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
 

@@ -83,7 +83,7 @@ def test_soft_and_threshold_runs_log_their_weights(stores, corpus_scores, tmp_pa
 
 
 def test_a_step_that_selects_nothing_does_not_move_the_weights(stores, corpus_scores, start_model, tmp_path):
-    from rho1.train.loop import setup, train_step
+    from rho1.train import setup, train_step
 
     cfg = TrainConfig(data=str(stores["corpus"].path), scores=str(corpus_scores.path), model=str(start_model),
                       out=str(tmp_path / "run"), objective="slm", rule="threshold", threshold=1e9, seq_len=SEQ_LEN,

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from rho1.config import ExportConfig, TrainConfig
 from rho1.data.loader import IGNORE_INDEX, WindowOrder
 from rho1.head import reference_token_losses
-from rho1.train import train
-from rho1.train.loop import micro_step, setup, step_batches
+from rho1.train import setup, train
+from rho1.train.step import micro_step, step_batches
 
 
 def _cfg(stores, out, **kw) -> TrainConfig:
@@ -280,7 +280,7 @@ def test_train_on_an_export_of_another_store_is_refused(stores, reference_model,
 
 def test_score_and_eval_with_train_on_target_count_answer_tokens_only(stores, reference_model, sft_scores, tmp_path):
     from rho1.config import EvalConfig
-    from rho1.eval.heldout import evaluate_model
+    from rho1.evaluate import evaluate_model
     from rho1.score import ScoreConfig, score
 
     store = stores["reference"]

@@ -1,1 +1,2 @@
-"""Evaluation: held-out losses (`rho1 eval`), answer accuracy, and curves over training."""
+"""Measures the stages share: held-out losses and the selected/unselected split (heldout.py), answer accuracy
+(accuracy.py), token efficiency over training (curves.py). The `rho1 eval` stage itself is rho1.evaluate."""
