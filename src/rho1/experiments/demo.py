@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,17 +20,15 @@ from rho1.analysis.dynamics import DynamicsConfig, compute_dynamics
 from rho1.analysis.report import ReportConfig, report
 from rho1.analysis.viewer import ViewConfig, build_view, run_checkpoint_columns
 from rho1.config import DemoConfig
-from rho1.data.prepare import PrepareConfig, prepare
 from rho1.data.store import check_writable
 from rho1.data.tokenizer import load_tokenizer
 from rho1.eval.accuracy import QA_TEMPLATE, AnswerConfig, answer_accuracy
 from rho1.eval.curves import format_efficiency, read_curve, token_efficiency
 from rho1.experiments import demo_data
+from rho1.experiments.pipeline import Recipe, run_stages
 from rho1.lock import write_lock
 from rho1.model import load_model
-from rho1.score import ScoreConfig, score
 from rho1.threads import set_threads
-from rho1.train import TrainConfig, train
 
 MATH_TEMPLATE = QA_TEMPLATE
 RUNS = {"clm": dict(objective="clm"), "slm": dict(objective="slm", score="excess"),
@@ -66,37 +63,6 @@ class StageTimer:
         self.seconds[name] = round(time.time() - start, 2)
 
 
-def _prepare_stores(files: dict[str, Path], cfg: DemoConfig, stores: Path, progress: bool) -> dict:
-    """A BPE trained on the web corpus, and every file tokenized with it."""
-    web = prepare(PrepareConfig([str(files["web"])], str(stores / "web"), train_tokenizer=cfg.vocab_size,
-                                text_field="text"), progress)
-    math_kw = dict(tokenizer=str(web.path), template=MATH_TEMPLATE, target_field="answer")
-    return {"web": web,
-            "reference": prepare(PrepareConfig([str(files["reference"])], str(stores / "reference"), **math_kw),
-                                 progress),
-            "heldout": prepare(PrepareConfig([str(files["heldout"])], str(stores / "heldout"), **math_kw), progress),
-            "offtarget": prepare(PrepareConfig([str(files["offtarget"])], str(stores / "offtarget"),
-                                               tokenizer=str(web.path), text_field="text"), progress)}
-
-
-def _train_runs(common: TrainConfig, stores: dict, scores: dict, cfg: DemoConfig, out: Path, timer: StageTimer,
-                progress: bool) -> dict:
-    """CLM, SLM and the random control from the same start on the same web tokens; their summaries."""
-    step_tokens = cfg.batch_size * cfg.seq_len
-    eval_every = max(step_tokens, (cfg.train_tokens // cfg.eval_points) // step_tokens * step_tokens)
-    save_every = max(step_tokens, (cfg.train_tokens // 6) // step_tokens * step_tokens)  # checkpoints for dynamics
-    summaries = {}
-    for name, overrides in RUNS.items():
-        with timer(f"train {name}"):
-            summaries[name] = train(replace(
-                common, data=str(stores["web"].path), out=str(out / name), scores=str(scores["web"].path),
-                max_tokens=cfg.train_tokens, eval_every=eval_every, eval_data=[str(stores["heldout"].path),
-                                                                               str(stores["offtarget"].path)],
-                eval_scores=[str(scores["heldout"].path), ""], save_every=save_every, keep_last=0, **overrides),
-                progress)
-    return summaries
-
-
 def _accuracy(files: dict[str, Path], cfg: DemoConfig, out: Path) -> dict:
     answers = AnswerConfig(str(files["heldout"]), shots=2, exemplars=str(files["reference"]),
                            limit=cfg.accuracy_problems, max_new_tokens=96, batch_size=32)
@@ -105,40 +71,38 @@ def _accuracy(files: dict[str, Path], cfg: DemoConfig, out: Path) -> dict:
             for name in RUNS}
 
 
+def demo_recipe(files: dict[str, Path], cfg: DemoConfig) -> Recipe:
+    """The demo as a `rho1 pipeline` recipe: a preset and its BPE, a base pretrained on the web corpus, the reference
+    trained on the clean math, CLM, SLM and random on the web pages, measured on the held-out problems."""
+    step_tokens = cfg.batch_size * cfg.seq_len
+    save_every = max(step_tokens, (cfg.train_tokens // 6) // step_tokens * step_tokens)  # checkpoints for dynamics
+    return Recipe(model=cfg.model_preset, corpus=[str(files["web"])], reference_data=[str(files["reference"])],
+                  target=[str(files["heldout"])], offtarget=[str(files["offtarget"])], tokens=cfg.train_tokens,
+                  ratio=cfg.ratio, baselines=["clm", "random"], reference_tokens=cfg.reference_tokens,
+                  base_tokens=cfg.base_tokens, vocab_size=cfg.vocab_size, seed=cfg.seed, eval_points=cfg.eval_points,
+                  out=cfg.out, train={"seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                                      "log_every": 5, "save_every": save_every, "keep_last": 0})
+
+
 def compare(files: dict[str, Path], cfg: DemoConfig, progress: bool = True, seconds: dict | None = None) -> dict:
     """Every stage on four files: ``web`` (jsonl, ``text``: the corpus to train on), ``reference`` and
     ``heldout`` (jsonl, ``question``/``answer``: clean target-domain data and its held-out test), and
-    ``offtarget`` (jsonl, ``text``: held-out text outside the target domain). Writes summary.json."""
+    ``offtarget`` (jsonl, ``text``: held-out text outside the target domain), run as a `rho1 pipeline` recipe;
+    then the answer accuracy, the token dynamics and the report. Writes summary.json."""
     out = Path(cfg.out)
     timer = StageTimer(progress, seconds)
-    for stale in ("stores", "base", "reference", "scores", *RUNS):  # a demo starts over
-        shutil.rmtree(out / stale, ignore_errors=True)
-    with timer("prepare"):
-        stores = _prepare_stores(files, cfg, out / "stores", progress)
-    common = TrainConfig(model_preset=cfg.model_preset, seq_len=cfg.seq_len, batch_size=cfg.batch_size, lr=cfg.lr,
-                         seed=cfg.seed, ratio=cfg.ratio, log_every=5)
-    if cfg.base_tokens:
-        # As in the paper's main experiments: the reference and the trained models share a base model.
-        with timer("base"):  # another data order than the runs that continue from it
-            train(replace(common, data=str(stores["web"].path), out=str(out / "base"), max_tokens=cfg.base_tokens,
-                          seed=cfg.seed + 1), progress)
-        common = replace(common, model=str(out / "base" / "final"))
-    with timer("reference"):
-        train(replace(common, data=str(stores["reference"].path), out=str(out / "reference"),
-                      max_tokens=cfg.reference_tokens, eval_data=[str(stores["heldout"].path)]), progress)
-    with timer("score"):
-        ref_model = str(out / "reference" / "final")
-        scores = {name: score(ScoreConfig(str(stores[name].path), ref_model, str(out / "scores" / name), cfg.seq_len),
-                              progress) for name in ("web", "heldout")}
-    summaries = _train_runs(common, stores, scores, cfg, out, timer, progress)
+    study = run_stages(demo_recipe(files, cfg), progress)
+    for stage, took in study.stages.seconds.items():  # prepare corpus, prepare target ... as one "prepare"
+        name = stage if stage.startswith("train ") else stage.split(" ")[0]
+        timer.seconds[name] = round(timer.seconds.get(name, 0.0) + took, 2)
     accuracy = {}
     if cfg.accuracy_problems:
         with timer("accuracy"):
             accuracy = _accuracy(files, cfg, out)
-    summary = _summary(cfg, out, stores, scores, summaries, accuracy)
+    summary = _summary(cfg, out, study.stores, study.scores, study.runs, accuracy)
     with timer("report"):
-        summary["report"] = write_report(out, stores["heldout"].path, stores["web"].path, scores["web"].path, cfg,
-                                         progress)
+        summary["report"] = write_report(out, study.stores["target"].path, study.stores["corpus"].path,
+                                         study.scores["corpus"].path, cfg, progress)
     summary["stage_seconds"] = timer.seconds
     summary["threads"] = torch.get_num_threads()  # the numbers depend on it: --threads N reproduces them
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -148,11 +112,11 @@ def compare(files: dict[str, Path], cfg: DemoConfig, progress: bool = True, seco
 
 
 def _summary(cfg: DemoConfig, out: Path, stores: dict, scores: dict, summaries: dict, accuracy: dict) -> dict:
-    target_key, off_key = "eval/heldout/target_loss", "eval/offtarget/loss"
+    target_key, off_key = "eval/target/target_loss", "eval/offtarget/loss"
     curves = {name: read_curve(out / name / "metrics.jsonl", target_key) for name in RUNS}
     slm_eff, slm_reached = token_efficiency(curves["clm"], curves["slm"])
     rnd_eff, rnd_reached = token_efficiency(curves["clm"], curves["random"])
-    web = stores["web"].manifest
+    web = stores["corpus"].manifest
     return {
         "seed": cfg.seed, "tokens_trained": summaries["clm"]["tokens"], "ratio": cfg.ratio,
         "token_efficiency": slm_eff, "slm_reached_clm_loss": slm_reached,
@@ -161,10 +125,10 @@ def _summary(cfg: DemoConfig, out: Path, stores: dict, scores: dict, summaries: 
         "final_offtarget_loss": {name: s[off_key] for name, s in summaries.items()},
         "answer_accuracy": {name: a["accuracy"] for name, a in accuracy.items()},
         "gold_solution_loss": {name: a["gold_loss"] for name, a in accuracy.items()},
-        "final_heldout_selected_loss": {name: s.get("eval/heldout/selected_loss") for name, s in summaries.items()},
-        "final_heldout_unselected_loss": {name: s.get("eval/heldout/unselected_loss") for name, s in summaries.items()},
+        "final_heldout_selected_loss": {name: s.get("eval/target/selected_loss") for name, s in summaries.items()},
+        "final_heldout_unselected_loss": {name: s.get("eval/target/unselected_loss") for name, s in summaries.items()},
         "tokens_per_second": {"prepare": web["n_tokens"] / max(web["seconds"], 1e-9),
-                              "score": scores["web"].manifest["tokens_per_second"],
+                              "score": scores["corpus"].manifest["tokens_per_second"],
                               **{f"train {n}": s["tokens_per_second"] for n, s in summaries.items()}},
         "config": cfg.__dict__,
     }
@@ -183,7 +147,7 @@ def write_report(out: Path, heldout: Path, corpus: Path, corpus_scores: Path, cf
     viewer = (f"<h3>Tokens SLM trains on at its first step (top {cfg.ratio:.0%} by excess loss)</h3>{selection}"
               f"<h3>Selection tendency over the SLM run (checkpoints at 0/33/66/100%)</h3>{tendency}")
     result = report(ReportConfig(runs=[str(out / n) for n in ("clm", "slm", "random")], out=str(out / "report.html"),
-                                 target="eval/heldout/target_loss"), viewer, progress=False)
+                                 target="eval/target/target_loss"), viewer, progress=False)
     if progress:
         print(f"report: {Path(result['path']).resolve()}")
     return result["path"]
