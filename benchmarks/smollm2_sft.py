@@ -20,13 +20,15 @@ target (`rho1 prepare --chat-field messages`):
             135M (0/48 measured), while these move with fine-tuning. The calculations are the real ones GSM8K's
             solutions annotate (<<48/2=24>>), train annotations for training and test annotations for accuracy.
 Every run starts from SmolLM2 and trains with --train-on target (the loss on the answers only) at the same
-budget and data order for one seed. Prints the token efficiency of each method against full SFT on the held-out
+budget and data order for one seed. The LoRA rows (--use-peft, r 16 on every linear layer, --lora-lr): LoRA SFT,
+SLM-LoRA with the trained reference's scores, and SLM-LoRA with --reference self (the base, adapters off); SLM-LoRA
+is measured against LoRA SFT. Prints the token efficiency of each method against full SFT on the held-out
 target loss, the final target loss, the accuracy (the base model's as the floor), and the share of gold / right /
 wrong tokens each selection keeps; writes them with stage times to OUT/result.json. A killed benchmark resumes
 where it stopped; methods added later (--methods) reuse the runs already finished.
 
-Sized for 2 CPU cores (about 170 tokens/s training, 700 scoring): with the defaults, about 75 minutes for two
-seeds (16 runs of 24k tokens, each evaluated 5 times on ~5k held-out tokens and on 200 calculations).
+Sized for 2 CPU cores (about 170 tokens/s training, 700 scoring): with the defaults, about 95 minutes for two
+seeds (22 runs of 24k tokens, each evaluated 5 times on ~5k held-out tokens and on 200 calculations).
 """
 
 from __future__ import annotations
@@ -61,7 +63,9 @@ from rho1.export import export
 from rho1.score import ScoreConfig, score
 
 TARGET = "eval/heldout/target_loss"
-METHODS = ("full", "reference", "self", "self-excess", "self-ema", "self-evolving", "static", "random")
+METHODS = ("full", "reference", "self", "self-excess", "self-ema", "self-evolving", "static", "random",
+           "lora", "lora-reference", "lora-self")
+LORA = "lora"  # the LoRA rows are measured against LoRA SFT (lora), the others against full SFT
 SOURCES = ("gold", "solution_right", "solution_wrong", "arith_right", "arith_wrong")
 
 
@@ -128,7 +132,10 @@ def methods(args, scores: Path, export_dir: Path, steps: int) -> dict:
             "self-ema": dict(**slm, reference="self", reference_ema=args.ema),
             "self-evolving": dict(**slm, reference="self", reference_update=max(1, steps // args.rounds)),
             "static": dict(objective="clm", selection=str(export_dir)),
-            "random": dict(**slm, score="random")}
+            "random": dict(**slm, score="random"),
+            "lora": dict(objective="clm", use_peft=True, lr=args.lora_lr),
+            "lora-reference": dict(**slm, scores=str(scores), use_peft=True, lr=args.lora_lr),
+            "lora-self": dict(**slm, reference="self", use_peft=True, lr=args.lora_lr)}
 
 
 def run_seed(seed: int, stores: dict, files: dict, scores: Path, export_dir: Path, args, out: Path) -> dict:
@@ -150,12 +157,15 @@ def run_seed(seed: int, stores: dict, files: dict, scores: Path, export_dir: Pat
               "tokens_per_second": {n: s["tokens_per_second"] for n, s in summaries.items()},
               "target_loss": {n: s[TARGET] for n, s in summaries.items()}, "start_target_loss": curves["full"][0][1],
               "accuracy": {n: a["accuracy"] for n, a in accuracies.items()}, "efficiency": {}, "reached": {},
-              "kept_share": {n: selected_shares(out / n) for n in summaries if n not in ("full", "static")}}
+              "kept_share": {n: selected_shares(out / n) for n in summaries if n not in ("full", "static", LORA)}}
     if "static" in summaries:
         result["kept_share"]["static"] = static_shares(export_dir, stores["sft"], args.seq_len)
     for name in summaries:
-        if name != "full":
-            result["efficiency"][name], result["reached"][name] = token_efficiency(curves["full"], curves[name])
+        baseline = LORA if name.startswith(f"{LORA}-") and LORA in curves else "full"
+        if name not in ("full", LORA):
+            result["efficiency"][name], result["reached"][name] = token_efficiency(curves[baseline], curves[name])
+    if LORA in curves:  # LoRA SFT itself against full SFT
+        result["efficiency"][LORA], result["reached"][LORA] = token_efficiency(curves["full"], curves[LORA])
     return result
 
 
@@ -163,7 +173,7 @@ def report(results: list[dict], counts: dict, base: dict, reference: dict) -> di
     table = {}
     print(f"\nSmolLM2-135M-Instruct, noisy SFT, {results[0]['tokens']:,} tokens per run, {len(results)} seed(s); "
           "data: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
-    print(f"{'method':<14} {'efficiency vs full SFT (median, min-max)':<40} {'target loss':<12} {'accuracy':<18} "
+    print(f"{'method':<14} {'efficiency (median, min-max)':<40} {'target loss':<12} {'accuracy':<18} "
           "kept: gold / right / wrong / arith right / arith wrong (median)")
     for m in [m for m in results[0]["target_loss"]]:
         loss = statistics.median(r["target_loss"][m] for r in results)
@@ -172,8 +182,9 @@ def report(results: list[dict], counts: dict, base: dict, reference: dict) -> di
                 for s in SOURCES} if m in results[0]["kept_share"] else None
         eff = None if m == "full" else [r["efficiency"][m] for r in results]
         bound = "" if eff is None or all(r["reached"][m] for r in results) else "< "
+        against = "LoRA SFT" if m.startswith(f"{LORA}-") else "full SFT"
         shown = "1.00x (baseline)" if eff is None else (f"{bound}{statistics.median(eff):.2f}x ({min(eff):.2f}-"
-                                                        f"{max(eff):.2f})")
+                                                        f"{max(eff):.2f}) vs {against}")
         table[m] = {"target_loss": loss, "accuracy": acc, "kept": kept, "efficiency": eff,
                     "reached": None if eff is None else [r["reached"][m] for r in results]}
         print(f"{m:<14} {shown:<40} {loss:<12.4f} {statistics.median(acc):.1%} ({min(acc):.1%}-{max(acc):.1%})  "
@@ -196,7 +207,9 @@ def main() -> None:
     parser.add_argument("--ema", type=float, default=0.9, help="self-ema's decay (a run has only ~24 steps)")
     parser.add_argument("--rounds", type=int, default=3, help="self-evolving: the reference is renewed this many "
                         "times over a run")
-    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--lr", type=float, default=5e-5, help="full fine-tuning (the reference's too)")
+    parser.add_argument("--lora-lr", type=float, default=2e-4, help="the LoRA rows (r 16, alpha 32, every linear "
+                        "layer): rho1's default for adapters on a pretrained model")
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--clean-problems", type=int, default=30)
     parser.add_argument("--clean-calculations", type=int, default=150)

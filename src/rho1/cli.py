@@ -78,6 +78,8 @@ VERBS = {  # verb: (config, help)
     "view": (C.ViewConfig, "HTML page of text with each token coloured by its selection"),
     "report": (C.ReportConfig, "one self-contained HTML file comparing runs"),
     "demo": (C.DemoConfig, "every stage end to end on the embedded demo data"),
+    "pipeline": (C.PipelineConfig, "the whole study on your own data from one recipe file: stores, reference, scores, "
+                 "SLM and baselines, results and report, each stage cached by its inputs"),
 }
 
 
@@ -164,7 +166,20 @@ def run_stage(command: str, cfg, args: argparse.Namespace):
         from rho1.experiments.demo import run_demo
 
         return run_demo(cfg)
+    if command == "pipeline":
+        if cfg.example:
+            print(_example(), end="")
+            return None
+        from rho1.experiments.pipeline import run_pipeline
+
+        return run_pipeline(C.load_recipe(cfg.recipe))
     raise ValueError(f"unknown command {command}")
+
+
+def _example() -> str:
+    from rho1.config.pipeline import EXAMPLE
+
+    return EXAMPLE
 
 
 def _one_sentence(err: BaseException) -> str:

@@ -28,6 +28,7 @@ from rho1.checks import check_self_reference
 from rho1.data.store import IGNORE_INDEX
 from rho1.data.windows import SelectiveCollator, WindowsDataset, windows_dataset  # noqa: F401 (rho1.hf's API)
 from rho1.head import chunked_head_supported, forward_selection, head_is_linear, reference_token_losses
+from rho1.lora import REFERENCE, AdapterView, advance_adapter_reference, reference_adapter
 from rho1.model import position_limit
 from rho1.selection import (
     check_ratio,
@@ -76,7 +77,9 @@ class SelectiveTrainer(Trainer):
     with ``retrospective`` (reference loss - learner loss, ssToken's); ``reference_ema=DECAY`` makes it a moving
     average of the learner's weights, ``reference_update=N`` a copy of the learner every N optimizer steps. Its
     weights are saved in each checkpoint (``reference.safetensors``) and restored by
-    ``train(resume_from_checkpoint=...)``."""
+    ``train(resume_from_checkpoint=...)``. When the model is a ``PeftModel`` (LoRA; TRL's ``peft_config=``), no copy
+    is made: the reference is its base with the adapters off, or a second adapter on it that moves (saved and
+    restored with Trainer's own adapter checkpoints)."""
 
     def __init__(self, *args, ratio: float = 0.6, score: str | None = None, reference_model=None,
                  loss_impl: str = "auto", rule: str = "topk", temperature: float = 0.25, threshold: float = 0.0,
@@ -124,12 +127,23 @@ class SelectiveTrainer(Trainer):
 
     def _self_reference(self):
         """A frozen copy of the learner's starting weights (float32 when it is a moving average), moved after each
-        optimizer step by ``reference_ema`` / ``reference_update``."""
+        optimizer step by ``reference_ema`` / ``reference_update``; a PeftModel's own base instead (its adapters
+        off), or a second adapter on it when the reference moves: no frozen weight held twice."""
         sharded = "DeepSpeed" if self.is_deepspeed_enabled else "FSDP" if self.is_fsdp_enabled else None
         check_self_reference_supported(sharded, "pass a reference model or scores")
-        if self.reference_ema is not None or self.reference_update:
+        moves = self.reference_ema is not None or bool(self.reference_update)
+        if moves:
             self.add_callback(_MoveSelfReference(self))
-        return frozen_copy(self.accelerator.unwrap_model(self.model), float32=self.reference_ema is not None)
+        learner = self.accelerator.unwrap_model(self.model)
+        if not self.peft_learner:
+            return frozen_copy(learner, float32=self.reference_ema is not None)
+        if moves:
+            reference_adapter(learner, "copy")
+        return AdapterView(learner, REFERENCE if moves else None)
+
+    @property
+    def peft_learner(self) -> bool:
+        return hasattr(self.accelerator.unwrap_model(self.model), "peft_config")
 
     def _check_reference_losses(self) -> None:
         if self._selecting and get_score(self.score).needs_reference and not self._has_reference_losses():
@@ -152,14 +166,14 @@ class SelectiveTrainer(Trainer):
         """A checkpoint's model, and with a self reference its weights beside them: written before Trainer marks
         the checkpoint complete (trainer_state.json) and rotates older ones away."""
         super().save_model(output_dir, _internal_call)
-        if self.self_reference and _internal_call and self.args.should_save:
+        if self.self_reference and not self.peft_learner and _internal_call and self.args.should_save:
             from safetensors.torch import save_model
 
             save_model(self.reference_model, str(Path(output_dir or self.args.output_dir) / "reference.safetensors"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.self_reference:
+        if self.self_reference and not self.peft_learner:  # (a PeftModel's reference adapter is Trainer's to load)
             from safetensors.torch import load_model
 
             path = Path(resume_from_checkpoint) / "reference.safetensors"
@@ -292,5 +306,8 @@ class _MoveSelfReference(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         t = self.trainer
-        advance_reference(t.reference_model, t.accelerator.unwrap_model(t.model), state.global_step, t.reference_ema,
-                          t.reference_update)
+        learner = t.accelerator.unwrap_model(t.model)
+        if t.peft_learner:
+            advance_adapter_reference(learner, state.global_step, t.reference_ema, t.reference_update)
+        else:
+            advance_reference(t.reference_model, learner, state.global_step, t.reference_ema, t.reference_update)

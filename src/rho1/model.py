@@ -36,15 +36,21 @@ def build_model(preset: str, vocab_size: int, max_positions: int, eos_token_id: 
 
 
 def load_model(name_or_path: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None,
-               attn_implementation: str | None = None):
+               attn_implementation: str | None = None, load_in_4bit: bool = False):
     """Any Hugging Face causal LM by local path or hub name, from safetensors weights only (``attn_implementation``:
-    None for transformers' default, sdpa where the model supports it)."""
+    None for transformers' default, sdpa where the model supports it); a .gguf file; a PEFT adapter folder (its
+    base loaded as recorded, the adapter merged in). ``load_in_4bit``: the weights quantized by bitsandbytes."""
+    from rho1.lora import is_adapter_folder
     from rho1.pretrained import is_gguf, locate
 
     name = locate(name_or_path, "model")
     attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if load_in_4bit:
+        attention["quantization_config"] = four_bit(name, dtype)
     if is_gguf(name):
         return load_gguf(Path(name), dtype or torch.float32, attention)
+    if is_adapter_folder(name) and not (Path(name) / "config.json").is_file():
+        return load_merged_adapter(Path(name), trust_remote_code, dtype, attn_implementation)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype or torch.float32, **attention
@@ -60,6 +66,40 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, dtype: torch.
         raise ValueError(f"could not load model {name_or_path} as a causal LM: {' '.join(str(err).split())[:300]}") \
             from err
     return model
+
+
+def four_bit(name: str, dtype: torch.dtype | None):
+    """bitsandbytes' 4-bit NF4 quantization of a base (QLoRA), or one sentence where it cannot run."""
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        raise ValueError("--load-in-4bit quantizes the base with bitsandbytes, which runs on a CUDA GPU, and this "
+                         "machine has none; drop --load-in-4bit (LoRA trains on the base as it is)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes")
+    if str(name).lower().endswith(".gguf"):
+        raise ValueError(f"--load-in-4bit quantizes a model folder or hub name, and {name} is a GGUF file; pass the "
+                         "model's folder, or drop --load-in-4bit")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype or torch.bfloat16)
+
+
+def load_merged_adapter(folder: Path, trust_remote_code: bool, dtype, attn_implementation):
+    """A PEFT adapter folder as a plain model: its base (a folder, hub name or .gguf, as adapter_config.json
+    records it) with the adapter merged in."""
+    from rho1.lora import adapter_base, check_peft_installed
+
+    check_peft_installed()
+    base = adapter_base(folder)
+    if not base:
+        raise ValueError(f"adapter {folder} records no base model (base_model_name_or_path in adapter_config.json); "
+                         "set it to the model the adapter was trained on")
+    model = load_model(base, trust_remote_code, dtype, attn_implementation)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, folder).merge_and_unload()
 
 
 def load_gguf(path: Path, dtype: torch.dtype, attention: dict):
@@ -145,8 +185,8 @@ def model_hash(name_or_path: str, model=None) -> str:
         with open(path, "rb") as fh:
             while block := fh.read(1 << 22):
                 h.update(block)
-    elif path.is_dir():
-        for f in sorted(path.glob("*.safetensors")) + [path / "config.json"]:
+    elif path.is_dir():  # (an adapter folder: its weights and config, which names the base)
+        for f in sorted(path.glob("*.safetensors")) + [path / "config.json", path / "adapter_config.json"]:
             if f.is_file():
                 h.update(f.name.encode())
                 with open(f, "rb") as fh:

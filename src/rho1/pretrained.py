@@ -81,7 +81,8 @@ def locate(name_or_path: str, what: str = "model") -> str:
                 kind = ""
             if kind:
                 raise ValueError(f"{name} is a {kind}, not a {what}; pass a checkpoint folder such as RUN/final")
-        if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file() and \
+                not (path / "adapter_config.json").is_file():
             if (path / "final" / "config.json").is_file() or (path / "metrics.jsonl").is_file():
                 raise ValueError(f"{name} is a run folder; its {what} is {path / 'final'}")
             raise ValueError(f"{name} holds no Hugging Face {what} (no config.json); pass a folder written by "

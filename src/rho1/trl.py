@@ -15,8 +15,10 @@ moved by ``reference_ema`` or ``reference_update``), or from a ScoreStore with
 ``data_collator=SelectiveCollator(tokenizer, scores=...)`` over the scored store's windows,
 ``datasets.Dataset.from_list(list(rho1.hf.windows_dataset(store, seq_len, "target")))``, with
 ``SFTConfig(dataset_kwargs={"skip_prepare_dataset": True})`` (the windows are already tokenized, masked and
-fixed: packing does not apply; tested). See
-``rho1.hf.SelectiveTrainer`` for the options and how the loss is normalised.
+fixed: packing does not apply; tested). ``model`` may be a .gguf file's path (rho1 loads it, and its tokenizer);
+with ``peft_config=`` (LoRA) a self reference is the learner's own base, not a copy. A dataset without the
+columns SFT reads is one sentence naming them. See ``rho1.hf.SelectiveTrainer`` for the options and how the loss
+is normalised.
 """
 
 from __future__ import annotations

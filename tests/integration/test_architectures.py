@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments
 
 from rho1.config import EvalConfig, ExportConfig, ScoreConfig, TrainConfig
 from rho1.data.loader import make_batch
-from rho1.eval.heldout import evaluate_model
+from rho1.evaluate import evaluate_model
 from rho1.export import export
 from rho1.head import head_is_linear
 from rho1.hf import SelectiveCollator, SelectiveTrainer, windows_dataset

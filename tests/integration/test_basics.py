@@ -344,16 +344,16 @@ def test_resume_without_a_checkpoint_recomputes_the_heldout_split(stores, refere
 def test_online_reference_is_loaded_in_the_compute_dtype(stores, reference_model, tmp_path, monkeypatch):
     import rho1.model
     import rho1.train as train_module
-    import rho1.train.setup
+    import rho1.train.build
 
     dtypes = []
-    real = rho1.train.setup.load_model
+    real = rho1.train.build.load_model
 
     def recording(name, trust_remote_code=False, dtype=None, **options):
         dtypes.append(dtype)
         return real(name, trust_remote_code, dtype, **options)
 
-    monkeypatch.setattr(rho1.train.setup, "load_model", recording)
+    monkeypatch.setattr(rho1.train.build, "load_model", recording)
     monkeypatch.setattr(rho1.model, "load_model", recording)  # rho1.align.load_reference loads the reference
     train_module.train(train_module.TrainConfig(
         data=str(stores["corpus"].path), out=str(tmp_path / "run"), objective="slm", reference=str(reference_model),

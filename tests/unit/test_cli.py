@@ -56,7 +56,7 @@ def test_config_values_are_read_as_their_field_types():
 def test_a_lost_ctrl_c_still_stops_the_stage_at_the_next_step(monkeypatch):
     import pytest
 
-    import rho1.config as C
+    import rho1.interrupt as C
 
     monkeypatch.setattr(C, "_ctrl_c", False)
     C.stop_if_ctrl_c()  # nothing pressed: nothing happens

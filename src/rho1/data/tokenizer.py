@@ -38,6 +38,11 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
     from rho1.pretrained import is_gguf, locate
 
     name = locate(str(name_or_path), "tokenizer")
+    adapter = Path(name) / "adapter_config.json"
+    if adapter.is_file() and not (Path(name) / "tokenizer_config.json").is_file():  # a PEFT adapter: its base's
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        if base:
+            return load_tokenizer(base, trust_remote_code)
     try:
         if is_gguf(name):  # the vocabulary, merges and chat template a GGUF file carries
             tok = AutoTokenizer.from_pretrained(str(Path(name).parent), gguf_file=Path(name).name)

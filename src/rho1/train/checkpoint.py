@@ -154,16 +154,22 @@ def drop_tied_duplicates(models, weights, output_dir) -> None:
 class Checkpointer:
     """Saves and restores one run's checkpoints with accelerate (every process calls every method)."""
 
-    def __init__(self, out: Path, accelerator, tokenizer, keep_last: int, dtype=None):
-        """``dtype``: the dtype the Hugging Face folders are written in (the one the model came in)."""
+    def __init__(self, out: Path, accelerator, tokenizer, keep_last: int, dtype=None, lora: bool = False):
+        """``dtype``: the dtype the Hugging Face folders are written in (the one the model came in). ``lora``: the
+        model trains adapters (--use-peft): checkpoints hold them, not the frozen base."""
         self.out, self.accelerator, self.tokenizer, self.keep_last = Path(out), accelerator, tokenizer, keep_last
-        self.dtype = dtype
+        self.dtype, self.lora = dtype, lora
         self.reference = None  # a --reference self model, saved and restored with the learner
         accelerator.register_save_state_pre_hook(drop_tied_duplicates)
+        if self.lora:
+            from rho1.lora import adapter_weights_only
+
+            accelerator.register_save_state_pre_hook(adapter_weights_only)
 
     def resume(self, path: Path) -> None:
-        """The optimizer, RNG and scaler of a checkpoint (its weights checked by ``read_training_state``)."""
-        self.accelerator.load_state(str(path / "state"))
+        """The optimizer, RNG and scaler of a checkpoint (its weights checked by ``read_training_state``); under LoRA
+        its adapters, the base coming from --model."""
+        self.accelerator.load_state(str(path / "state"), **({"strict": False} if self.lora else {}))
         if self.reference is not None:
             from safetensors.torch import load_model
 
@@ -173,7 +179,19 @@ class Checkpointer:
             load_model(self.reference, path / REFERENCE_FILE, device=str(self.accelerator.device))
 
     def save_final(self, model, info: dict) -> None:
+        """RUN/final, a plain Hugging Face folder; under LoRA the adapter merged in, and RUN/adapter the adapter alone
+        (a PEFT folder on the recorded base)."""
         self.accelerator.wait_for_everyone()
+        if self.lora:
+            if self.accelerator.is_main_process:
+                from rho1.lora import merged, save_adapter
+
+                learner = self.accelerator.unwrap_model(model)
+                save_adapter(learner, self.out / "adapter")
+                self.tokenizer.save_pretrained(self.out / "adapter")
+                save_checkpoint(merged(learner), self.tokenizer, self.out / "final", info, dtype=self.dtype)
+            self.accelerator.wait_for_everyone()
+            return
         state_dict = self.accelerator.get_state_dict(model)  # a collective under FSDP/DeepSpeed
         if self.accelerator.is_main_process:
             save_checkpoint(self.accelerator.unwrap_model(model), self.tokenizer, self.out / "final", info, state_dict,
@@ -189,9 +207,13 @@ class Checkpointer:
         acc.wait_for_everyone()
         try:
             acc.save_state(str(tmp / "state"))
-            state_dict = acc.get_state_dict(model)
-            if acc.is_main_process:
+            state_dict = None if self.lora else acc.get_state_dict(model)
+            if acc.is_main_process and self.lora:  # the adapters only: the frozen base is --model's
+                acc.unwrap_model(model).save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+            elif acc.is_main_process:
                 save_checkpoint(acc.unwrap_model(model), self.tokenizer, tmp, state_dict=state_dict, dtype=self.dtype)
+            if acc.is_main_process:
                 if self.reference is not None:
                     from safetensors.torch import save_model
 

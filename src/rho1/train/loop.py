@@ -1,6 +1,6 @@
 """`rho1 train`: one loop for reference, CLM and SLM training, on accelerate. Read this first.
 
-``train`` = ``setup`` (train/setup.py: data, models, optimizer, evaluator, checkpoints) then ``fit`` (here: the
+``train`` = ``setup`` (train/build.py: data, models, optimizer, evaluator, checkpoints) then ``fit`` (here: the
 optimizer steps, logging, evaluations, checkpoints, the final model and summary). Each step is ``train_step``
 (train/step.py); the in-loop reference, stored, online or the learner itself, is train/reference.py; what is
 logged, train/metrics.py; checkpoints and exact resume, train/checkpoint.py.
@@ -19,13 +19,13 @@ from rho1.config import TrainConfig
 from rho1.interrupt import Interrupted, stop_if_ctrl_c
 from rho1.model import dropout_of
 from rho1.progress import progress_bar
+from rho1.train.build import setup
 from rho1.train.checkpoint import latest_checkpoint
 from rho1.train.metrics import LogWindow, step_flops
 from rho1.train.reference import after_step
 from rho1.train.run import Run
-from rho1.train.setup import setup
 from rho1.train.step import StepResult, train_step
-from rho1.train.throughput import format_flops, mfu, peak_memory_mib
+from rho1.train.throughput import format_flops, mfu, peak_memory_mib, reset_peak_memory
 
 
 def evaluate(run: Run) -> dict:
@@ -105,7 +105,7 @@ def fit(run: Run, progress: bool = True) -> dict:
 
 def _fit(run: Run, progress: bool) -> dict:
     cfg, acc = run.cfg, run.accelerator
-    start, first_tokens = time.time(), run.tokens
+    start, first_tokens, run.load_peaks = time.time(), run.tokens, reset_peak_memory(acc.device)
     last_eval = evaluate(run) if run.resumed_from is None else {}
     bar = progress_bar(total=run.total_steps * run.tokens_per_step, initial=run.tokens, desc=f"train {run.name}",
                        unit="tok", unit_scale=True, disable=not (progress and acc.is_main_process))
@@ -176,7 +176,7 @@ def finish(run: Run, last_eval: dict, seconds: float, first_tokens: int, progres
                "attn_implementation": getattr(run.accelerator.unwrap_model(run.model).config, "_attn_implementation",
                                               None),
                "gradient_checkpointing": run.cfg.gradient_checkpointing, "torch_compile": run.cfg.torch_compile,
-               **peak_memory_mib(run.accelerator.device),
+               **run.load_peaks, **peak_memory_mib(run.accelerator.device),
                "threads": torch.get_num_threads(), "dtype": str(next(run.model.parameters()).dtype).removeprefix("torch."),
                "saved_dtype": str(run.checkpointer.dtype).removeprefix("torch."),
                "dropout": dropout_of(run.accelerator.unwrap_model(run.model)),

@@ -46,6 +46,7 @@ class Run:
     flops_per_token: float = 0.0  # training FLOPs of one token (rho1.train.throughput)
     head_backward: float = 0.0  # of which the head's backward, skipped for unselected tokens by the chunked loss
     train_flops: float = 0.0  # the model FLOPs of this process's optimizer steps
+    load_peaks: dict = field(default_factory=dict)  # peak memory while the models were loaded (rho1.train.throughput)
     peak: tuple = (None, "")  # peak FLOP/s of one device and where that number comes from
     keep: object = None  # 1 per stream position that may be trained on (--train-on target, --selection), or None
 

@@ -1,7 +1,8 @@
 """Model FLOPs utilisation: the FLOPs a training step's tokens need over what the device could do at most.
 
 Per token, a forward and backward take ``6 N`` FLOPs for the ``N`` parameters that multiply (the input
-embedding is a lookup, so it counts only when it is also the tied head) plus ``6 L d T`` for causal attention
+embedding is a lookup, so it counts only when it is also the tied head; a frozen weight, as LoRA's base, needs
+no weight gradient: ``4`` FLOPs each) plus ``6 L d T`` for causal attention
 (``L`` layers of width ``d`` over windows of ``T`` tokens: PaLM's ``12 L d T`` counts every query against every
 key, and a causal mask keeps half of them). When the loss is computed from the head's input in chunks, the
 head's backward runs only for the selected tokens, so ``4 V d`` (``V`` x ``d`` head) is counted only for those.
@@ -54,13 +55,16 @@ def flops_per_token(model, seq_len: int) -> float:
     ``seq_len`` tokens, causal attention counted as such."""
     embedding = model.get_input_embeddings()
     _, tied = _head(model)
-    n = sum(p.numel() for p in model.parameters()) - (0 if tied else embedding.weight.numel())
+    skip = set() if tied else {id(embedding.weight)}
+    multiplying = [p for p in model.parameters() if id(p) not in skip]
+    trained = sum(p.numel() for p in multiplying if p.requires_grad)
+    frozen = sum(p.numel() for p in multiplying if not p.requires_grad)  # (LoRA's base: no weight gradient)
     config = model.config
     layers = _config_value(config, "num_hidden_layers", "n_layer", "n_layers", "num_layers")
     width = _config_value(config, "hidden_size", "n_embd", "d_model")
     heads = _config_value(config, "num_attention_heads", "n_head", "n_heads", "attention_heads")
     attention = 6 * layers * width * seq_len if layers and width and heads else 0  # none in a state-space model
-    return 6.0 * n + attention
+    return 6.0 * trained + 4.0 * frozen + attention
 
 
 def head_backward_flops(model) -> float:
@@ -170,9 +174,23 @@ def mfu(flops_per_second_per_device: float, peak: tuple[float | None, str]) -> t
     return ratio, None
 
 
+def reset_peak_memory(device: torch.device) -> dict:
+    """The peaks so far (``load_``: while the models were loaded, a GGUF file's dequantisation included), then the
+    high-water marks set anew (Linux: /proc/self/clear_refs; CUDA: torch's), so the summary's peaks are training's."""
+    before = {f"load_{k}": v for k, v in peak_memory_mib(device).items()}
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not allowed: the peak stays the process's
+        before.pop("load_peak_rss_mib", None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return before
+
+
 def peak_memory_mib(device: torch.device) -> dict:
-    """This process's peak memory so far: resident (Linux: VmHWM, which starts anew at exec) and, on CUDA,
-    what torch allocated on the device."""
+    """This process's peak memory since it started or since ``reset_peak_memory``: resident (Linux: VmHWM) and, on
+    CUDA, what torch allocated on the device."""
     found = {}
     try:
         for line in open("/proc/self/status"):

@@ -11,12 +11,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from rho1.accel import hold_job_lock, make_accelerator
+from rho1.accel import compute_dtype, hold_job_lock, make_accelerator
 from rho1.config import TrainConfig
+from rho1.config.train import default_schedule
 from rho1.data.loader import WindowOrder, trainable_mask
 from rho1.data.store import TokenStore, check_writable, open_with_scores
 from rho1.head import chunked_head_supported, linear_head_of
 from rho1.lock import check_not_inside
+from rho1.lora import add_lora, check_peft_installed, is_adapter_folder
 from rho1.model import build_model, check_model_fits, check_positions, dropout_of, load_model, stored_dtype
 from rho1.threads import set_threads
 from rho1.train.checkpoint import Checkpointer, check_run_folder, check_same_recipe, read_training_state
@@ -37,9 +39,15 @@ def make_optimizer(model, cfg: TrainConfig, fused: bool = False) -> torch.optim.
 
 
 def _learner(cfg: TrainConfig, store: TokenStore, tokenizer):
+    """The model trained: loaded (float32 master weights; under --use-peft a frozen base in the compute dtype, or in
+    4 bits) or built fresh, with LoRA adapters under --use-peft."""
     check_attention(cfg.attn_implementation)
+    if cfg.use_peft:
+        check_peft_installed()
     if cfg.model:
-        model = load_model(cfg.model, cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+        dtype = compute_dtype(cfg.precision) if cfg.use_peft else None  # a frozen base needs no float32 master
+        model = load_model(cfg.model, cfg.trust_remote_code, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                           load_in_4bit=cfg.load_in_4bit)
         check_model_fits(model, store, cfg.model)
     else:
         model = build_model(cfg.model_preset, store.vocab_size, max(cfg.seq_len, 2048),
@@ -52,6 +60,9 @@ def _learner(cfg: TrainConfig, store: TokenStore, tokenizer):
                              "--gradient-checkpointing")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if cfg.use_peft:
+        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, lora_base(cfg),
+                         cfg.seed)
     return model
 
 
@@ -129,10 +140,10 @@ def _setup(cfg: TrainConfig, accelerator, held: contextlib.ExitStack, progress: 
                           reference if cfg.reference != "self" else None, resume_from is not None)
     run = Run(cfg, accelerator, store, scores, model, optimizer, WindowOrder(store.num_windows(cfg.seq_len), cfg.seed),
               reference, bool(chunked), evaluator,
-              Checkpointer(out, accelerator, tokenizer, cfg.keep_last, stored_dtype(cfg.model)),
+              Checkpointer(out, accelerator, tokenizer, cfg.keep_last, stored_dtype(cfg.model), cfg.use_peft),
               MetricsLog(out, False, None), resume_from, held=held, next_eval=cfg.eval_every or math.inf,
               next_save=cfg.save_every or math.inf, parameters=sum(p.numel() for p in model.parameters()), keep=keep)
-    if cfg.reference == "self":
+    if cfg.reference == "self" and not cfg.use_peft:  # (under LoRA the reference is an adapter of the model)
         run.checkpointer.reference = reference[0]
     run.flops_per_token = flops_per_token(unwrapped, cfg.seq_len)
     run.head_backward = head_backward_flops(unwrapped) if chunked else 0.0
@@ -142,20 +153,34 @@ def _setup(cfg: TrainConfig, accelerator, held: contextlib.ExitStack, progress: 
         run.step, run.tokens, run.next_eval, run.next_save = (state[k] for k in ("step", "tokens", "next_eval",
                                                                                   "next_save"))
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        # the thread count in use, not None: numbers depend on it, and --threads N reproduces them
-        written = {**asdict(cfg), "threads": torch.get_num_threads()}
-        (out / "config.yaml").write_text(yaml.safe_dump(written, sort_keys=False))
-        run.log = MetricsLog(out, True, run.step if resume_from is not None else None, accelerator)
-        if accelerator.log_with:
-            accelerator.init_trackers(out.name, config=tracker_config(written))
-        if progress:
-            print(start_line(run))
-        if progress and resume_from is not None:
-            print(f"train: resuming from {resume_from} (step {run.step}, {run.tokens:,} tokens)")
-        elif progress and cfg.resume:
-            print(f"train: no checkpoint in {out} to resume from; starting from the beginning")
+        _open_run_folder(run, progress)
     return run
+
+
+def lora_base(cfg: TrainConfig) -> str | None:
+    """The base an adapter of this run records: --model, a local path resolved (so it loads from anywhere)."""
+    if not cfg.model:
+        return None
+    return str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
+
+
+def _open_run_folder(run: Run, progress: bool) -> None:
+    """config.yaml, metrics.jsonl and the trackers (main process), and the run's first lines."""
+    cfg, out, resume_from = run.cfg, Path(run.cfg.out), run.resumed_from
+    out.mkdir(parents=True, exist_ok=True)
+    # the thread count in use, not None: numbers depend on it, and --threads N reproduces them
+    written = {**asdict(cfg), "threads": torch.get_num_threads()}
+    (out / "config.yaml").write_text(yaml.safe_dump(written, sort_keys=False))
+    run.log = MetricsLog(out, True, run.step if resume_from is not None else None, run.accelerator)
+    if run.accelerator.log_with:
+        run.accelerator.init_trackers(out.name, config=tracker_config(written))
+    if not progress:
+        return
+    print(start_line(run))
+    if resume_from is not None:
+        print(f"train: resuming from {resume_from} (step {run.step}, {run.tokens:,} tokens)")
+    elif cfg.resume:
+        print(f"train: no checkpoint in {out} to resume from; starting from the beginning")
 
 
 def start_line(run: Run) -> str:
@@ -172,6 +197,19 @@ def start_line(run: Run) -> str:
     line = (f"train {run.name}: {run.total_steps:,} steps of {run.tokens_per_step:,} tokens = {total:,} tokens"
             f"{rounded}; {run.parameters / 1e6:.2f}M parameters in {weights}{mixed}, saved in {saved}; loss from "
             f"{'the head input in chunks' if run.chunked_head else 'full logits'}; {where}")
+    lr, warmup, why = default_schedule(cfg)
+    taken = [f for f, same in ((f"--lr {cfg.lr:g}", cfg.lr == lr), (f"--warmup-steps {cfg.warmup_steps}",
+                                                                     cfg.warmup_steps == warmup)) if same]
+    if taken and cfg.model:
+        line += f"\ntrain: {' and '.join(taken)}: the defaults for {why} (--lr / --warmup-steps choose others)"
+    if cfg.use_peft:
+        trained = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+        line += (f"\ntrain: LoRA r={cfg.lora_r} alpha={cfg.lora_alpha:g} on {' '.join(cfg.lora_target_modules)}: "
+                 f"{trained / 1e6:.2f}M of {run.parameters / 1e6:.2f}M parameters train"
+                 + (", the base held in 4 bits" if cfg.load_in_4bit else ""))
+    if cfg.reference and cfg.reference != "self" and not cfg.use_peft and is_adapter_folder(cfg.reference):
+        line += (f"\ntrain: --reference {cfg.reference} is a PEFT adapter, merged into its own copy of its base (a second "
+                 "whole model); with --use-peft on the same base it would ride on the learner's weights")
     if cfg.train_on == "target":
         line += "\ntrain: the loss is on the target tokens only (--train-on target): no prompt token is trained on"
     if cfg.selection:
@@ -180,7 +218,9 @@ def start_line(run: Run) -> str:
         how = (f"a moving average of its weights (decay {cfg.reference_ema:g})" if cfg.reference_ema is not None else
                f"a copy of it renewed every {cfg.reference_update} steps" if cfg.reference_update else
                "its starting weights")
-        line += f"\ntrain: the reference is the learner itself, {how}; --score {cfg.score}"
+        lora = "" if not cfg.use_peft else " (its base, the adapters off)" if how == "its starting weights" else \
+            " (a second adapter on the same base, float32)"
+        line += f"\ntrain: the reference is the learner itself, {how}{lora}; --score {cfg.score}"
     if dropout:
         line += (f"\ntrain: the model trains with dropout ({', '.join(f'{k} {v:g}' for k, v in dropout.items())}), so "
                  "its losses, and which tokens are selected, vary from step to step; set them to 0 in its config.json "
