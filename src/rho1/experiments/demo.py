@@ -81,7 +81,7 @@ def demo_recipe(files: dict[str, Path], cfg: DemoConfig) -> Recipe:
                   ratio=cfg.ratio, baselines=["clm", "random"], reference_tokens=cfg.reference_tokens,
                   base_tokens=cfg.base_tokens, vocab_size=cfg.vocab_size, seed=cfg.seed, eval_points=cfg.eval_points,
                   out=cfg.out, train={"seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "lr": cfg.lr,
-                                      "log_every": 5, "save_every": save_every, "keep_last": 0})
+                                      "warmup_steps": 20, "log_every": 5, "save_every": save_every, "keep_last": 0})
 
 
 def compare(files: dict[str, Path], cfg: DemoConfig, progress: bool = True, seconds: dict | None = None) -> dict:
