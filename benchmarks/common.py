@@ -4,6 +4,7 @@ model shapes."""
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
@@ -44,6 +45,9 @@ class StageTimes(dict):
         self.start = time.time()
 
 
+# the model-written solutions of gsm8k/example_model_solutions.jsonl, right and wrong
+SOLVERS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
+
 # what a --data-dir must hold, relative to it
 DATA_FILES = ("gsm8k/train.jsonl", "gsm8k/test.jsonl", "gsm8k/example_model_solutions.jsonl",
               "tinyshakespeare/input.txt")
@@ -66,3 +70,16 @@ def check_data_dir(data_dir: Path | None) -> Path:
             "grade-school-math, or `datasets.load_dataset('openai/gsm8k', 'main')` saved as train/test jsonl; "
             "Tiny Shakespeare from karpathy/char-rnn)")
     return data_dir
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    """Write ``records`` as jsonl, unless the file already holds exactly them (another run may be reading it)."""
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    return path

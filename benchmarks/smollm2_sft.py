@@ -41,21 +41,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from common import StageTimes, add_data_dir, check_data_dir
+from common import SOLVERS, StageTimes, add_data_dir, check_data_dir, write_jsonl
+from common import read_jsonl as jsonl
 from real_data_efficiency import selected_shares
 from sft_efficiency import gold_format, static_shares
-from smollm2 import (
-    SOLVERS,
-    arithmetic_chat,
-    calculations,
-    chat,
-    jsonl,
-    run_once,
-    smollm2_gguf,
-    store,
-    write_jsonl,
-    wrong_result,
-)
+from smollm2 import arithmetic_chat, calculations, chat, run_once, smollm2_gguf, store, wrong_result
 
 from rho1.config import AnswerConfig, ExportConfig, TrainConfig
 from rho1.eval.curves import format_efficiency, read_curve, token_efficiency
