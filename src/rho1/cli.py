@@ -50,7 +50,7 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls, skip: tuple[
         base, is_list = _base_type(hints[f.name])
         default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING
                                                               else None)
-        shown = "" if default in (None, "", [], False) or base is bool else f" (default {default})"
+        shown = "" if default is None or default in ("", []) or base is bool else f" (default {default})"
         kwargs = {"help": (meta.get("help", "") + shown).replace("%", "%%"), "default": None}
         if meta.get("positional"):
             parser.add_argument(f.name, nargs="*" if is_list else "?", **kwargs)

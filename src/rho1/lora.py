@@ -33,6 +33,14 @@ def check_peft_installed() -> None:
                          "'rho1[peft]' (or pip install peft)") from None
 
 
+def check_lora_launch(distributed_type) -> None:
+    """LoRA runs on one process or under DDP: the adapter references switch adapters on a model that FSDP or
+    DeepSpeed would have wrapped and sharded."""
+    if distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise ValueError(f"--use-peft runs on one process or under DDP, not under {distributed_type.value}; launch "
+                         "with configs/accelerate/ddp.yaml")
+
+
 def is_adapter_folder(path) -> bool:
     """A folder written by PEFT's save_pretrained: adapter_config.json and the adapter's weights."""
     return bool(path) and (Path(path) / ADAPTER_CONFIG).is_file()

@@ -45,11 +45,15 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, dtype: torch.
 
     name = locate(name_or_path, "model")
     attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    adapter = is_adapter_folder(name) and not (Path(name) / "config.json").is_file()
+    if load_in_4bit and adapter:
+        raise ValueError(f"{name_or_path} is a LoRA adapter folder, which rho1 merges into its base at full "
+                         "precision; drop --load-in-4bit, or pass the merged RUN/final folder")
     if load_in_4bit:
         attention["quantization_config"] = four_bit(name, dtype)
     if is_gguf(name):
         return load_gguf(Path(name), dtype or torch.float32, attention)
-    if is_adapter_folder(name) and not (Path(name) / "config.json").is_file():
+    if adapter:
         return load_merged_adapter(Path(name), trust_remote_code, dtype, attn_implementation)
     try:
         model = AutoModelForCausalLM.from_pretrained(

@@ -201,3 +201,23 @@ def test_a_moving_average_reference_of_a_bf16_model_is_kept_in_float32(stores, r
     assert any(not torch.equal(s, p.float()) for s, p in zip(start, learner))
     for s, p, ref in zip(start, learner, trainer.reference_model.parameters()):
         torch.testing.assert_close(ref, s.lerp(p.float(), 1 - 0.99), rtol=0, atol=0)
+
+
+def test_a_self_reference_lives_in_its_checkpoint_and_rotates_with_it(stores, reference_model, tmp_path):
+    """Trainer keeps the newest save_total_limit checkpoints: each kept one holds the reference of its own step, a
+    rotated one goes whole (no reference.safetensors left behind, none beside the checkpoints)."""
+    from safetensors.torch import load_file
+
+    ds = windows_dataset(stores["corpus"], SEQ_LEN)[:16]
+    model = load_model(str(reference_model))
+    trainer = SelectiveTrainer(model=model, args=_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=1,
+                                                       save_total_limit=2),
+                               train_dataset=ds, data_collator=SelectiveCollator(stores["corpus"].tokenizer()),
+                               reference_model="self", reference_ema=0.5, ratio=0.5)
+    trainer.train()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-4"]
+    assert not list(tmp_path.glob("reference.safetensors"))
+    at3, at4 = (load_file(tmp_path / f"checkpoint-{s}" / "reference.safetensors") for s in (3, 4))
+    final = trainer.reference_model.state_dict()
+    assert any(not torch.equal(at3[k], at4[k]) for k in at3)  # each holds its own step's moving average
+    assert at4.keys() <= final.keys() and all(torch.equal(at4[k], final[k]) for k in at4)

@@ -130,6 +130,16 @@ def test_lora_refusals_are_one_sentence(stores, reference_model, tmp_path, capsy
                                                            "peft_type": "LORA"}))
     refused(["--use-peft", "--model", str(reference_model), "--objective", "slm", "--reference", str(other)],
             "is an adapter trained on someone/else, not on the learner's --model")
+    refused(["--use-peft", "--load-in-4bit", "--model", str(other)], "is a LoRA adapter folder, which rho1 merges")
+    # FSDP and DeepSpeed are refused for every LoRA run, with or without a reference; DDP is not
+    from accelerate import DistributedType
+
+    from rho1.lora import check_lora_launch
+
+    check_lora_launch(DistributedType.MULTI_CPU)
+    for sharded in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(ValueError, match=f"--use-peft runs on one process or under DDP, not under {sharded.value}"):
+            check_lora_launch(sharded)
 
 
 def test_lora_under_ddp_reproduces_one_process_with_twice_the_batch(stores, corpus_scores, reference_model, tmp_path):

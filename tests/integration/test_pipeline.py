@@ -113,6 +113,7 @@ BAD = {
     "wrong type": ({"tokens": "many"}, "recipe {path}: tokens must be a whole number, got 'many'"),
     "section key": ({"train": {"learning-rate": 1}}, "recipe {path}: train has an unknown key 'learning-rate'"),
     "set by the pipeline": ({"train": {"data": "x"}}, "recipe {path}: train: data is set by the pipeline itself"),
+    "runs' evaluations": ({"train": {"eval-every": 8}}, "recipe {path}: train: eval-every is set by the pipeline"),
     "no corpus": ({"corpus": []}, "recipe {path} has no corpus"),
     "two references": ({"reference": "runs/ref/final"}, "needs exactly one of reference_data"),
     "bad baseline": ({"baselines": ["clm", "soft"]}, "--baselines must be one of clm, random, got 'soft'"),
@@ -144,7 +145,9 @@ def test_a_bad_recipe_is_one_sentence_naming_the_key(user_files, tmp_path, capsy
 def test_the_example_recipe_is_a_recipe_and_a_worse_reference_is_reported(user_files, reference_model, tmp_path,
                                                                          capsys):
     example = yaml.safe_load(EXAMPLE)
-    assert isinstance(config_from_dict(Recipe, example, "the example"), Recipe)
+    assert example["train"]["lr"] == "5e-5"  # YAML 1.1 reads a float without a dot as a string...
+    recipe = config_from_dict(Recipe, example, "the example")
+    assert recipe.options("train")["lr"] == 5e-5  # ... and the stage gets the float
     assert main(["pipeline", "--example"]) == 0
     assert capsys.readouterr().out == EXAMPLE
     # a trained model as the start, a reference that never trained: said before scoring, in one sentence

@@ -22,8 +22,10 @@ SET_BY_PIPELINE = {
     "prepare": ("sources", "out", "tokenizer", "train_tokenizer", "overwrite"),
     "score": ("data", "model", "out", "seq_len", "threads"),
     "train": ("data", "out", "model", "model_preset", "objective", "scores", "reference", "ratio", "score",
-              "max_tokens", "eval_data", "eval_scores", "resume", "seed", "threads", "selection"),
+              "max_tokens", "eval_data", "eval_scores", "eval_every", "resume", "seed", "threads", "selection"),
 }
+# the reference's evaluations are its own; the runs' come from eval_points so that every run evaluates alike
+SET_BY_PIPELINE["reference_train"] = tuple(k for k in SET_BY_PIPELINE["train"] if k != "eval_every")
 SECTIONS = {"prepare": PrepareConfig, "score": ScoreConfig, "train": TrainConfig, "reference_train": TrainConfig}
 
 
@@ -77,16 +79,19 @@ class Recipe:
         values = getattr(self, name) or {}
         if not isinstance(values, dict):
             raise ValueError(f"{where}: {name} must be a mapping of option: value, got {values!r}")
-        set_here = SET_BY_PIPELINE["train" if name == "reference_train" else name]
+        set_here = SET_BY_PIPELINE[name]
         for key in values:
             if str(key).lstrip("-").replace("-", "_") in set_here:
                 raise ValueError(f"{where}: {name}: {key} is set by the pipeline itself; set it at the top of the "
-                                 "recipe (model, corpus, tokens, ratio, seed, out) or drop it")
+                                 "recipe (model, corpus, tokens, ratio, eval_points, seed, out) or drop it")
         return config_from_dict(cls, values, f"{where}: {name}")
 
     def options(self, name: str) -> dict:
-        """A stage section's options as config field names (seq-len -> seq_len)."""
-        return {str(k).lstrip("-").replace("-", "_"): v for k, v in (getattr(self, name) or {}).items()}
+        """A stage section's options as config field names (seq-len -> seq_len), each of its field's type: YAML
+        reads ``5e-5`` as a string, the stage needs the float."""
+        config = self.section(name, SECTIONS[name])
+        return {key: getattr(config, key) for key in (str(k).lstrip("-").replace("-", "_") for k in
+                                                      (getattr(self, name) or {}))}
 
 
 def load_recipe(path: str) -> Recipe:

@@ -18,7 +18,7 @@ from rho1.data.loader import WindowOrder, trainable_mask
 from rho1.data.store import TokenStore, check_writable, open_with_scores
 from rho1.head import chunked_head_supported, linear_head_of
 from rho1.lock import check_not_inside
-from rho1.lora import add_lora, check_peft_installed, is_adapter_folder
+from rho1.lora import add_lora, check_lora_launch, check_peft_installed, is_adapter_folder
 from rho1.model import build_model, check_model_fits, check_positions, dropout_of, load_model, stored_dtype
 from rho1.threads import set_threads
 from rho1.train.checkpoint import Checkpointer, check_run_folder, check_same_recipe, read_training_state
@@ -117,6 +117,8 @@ def setup(cfg: TrainConfig, progress: bool = True) -> Run:
 
 def _setup(cfg: TrainConfig, accelerator, held: contextlib.ExitStack, progress: bool) -> Run:
     out = Path(cfg.out)
+    if cfg.use_peft:
+        check_lora_launch(accelerator.distributed_type)
     resume_from = check_run_folder(out, cfg.resume)
     store, scores = open_with_scores(cfg.data, cfg.scores, cfg.seq_len)
     state = read_training_state(resume_from) if resume_from is not None else None

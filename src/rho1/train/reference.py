@@ -26,12 +26,6 @@ def loop_reference(cfg: TrainConfig, store: TokenStore, accelerator, learner) ->
     """(model, head_of) of the reference run in the loop, or None when the run has none."""
     if not cfg.reference:
         return None
-    if cfg.use_peft:
-        from accelerate import DistributedType
-
-        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            raise ValueError(f"--use-peft runs on one process or under DDP, not under "
-                             f"{accelerator.distributed_type.value}; launch with configs/accelerate/ddp.yaml")
     if cfg.use_peft and (cfg.reference == "self" or is_adapter_folder(cfg.reference)):
         view = adapter_reference(cfg, learner)
         return view, linear_head_of(view, store, cfg.seq_len)
