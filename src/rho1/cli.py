@@ -96,7 +96,8 @@ def parser() -> argparse.ArgumentParser:
         if verb == "demo":
             p.add_argument("--preset", choices=sorted(C.DEMO_PRESETS), default="default",
                            help="default (a few minutes on 2 CPU cores) or quick (under a minute)")
-        p.add_argument("--config", help="YAML file of options, `option: value` per line (flags override it)")
+        if verb != "pipeline":  # whose recipe, its argument, is the YAML file
+            p.add_argument("--config", help="YAML file of options, `option: value` per line (flags override it)")
     return root
 
 

@@ -98,8 +98,9 @@ def load_merged_adapter(folder: Path, trust_remote_code: bool, dtype, attn_imple
     check_peft_installed()
     base = adapter_base(folder)
     if not base:
-        raise ValueError(f"adapter {folder} records no base model (base_model_name_or_path in adapter_config.json); "
-                         "set it to the model the adapter was trained on")
+        raise ValueError(f"adapter {folder} records no base model (base_model_name_or_path in adapter_config.json), as "
+                         "when it was trained on a fresh --model-preset that was never saved; pass the run's merged "
+                         "final folder, or set it to the model the adapter was trained on")
     model = load_model(base, trust_remote_code, dtype, attn_implementation)
     from peft import PeftModel
 

@@ -88,7 +88,7 @@ def locate(name_or_path: str, what: str = "model") -> str:
             raise ValueError(f"{name} holds no Hugging Face {what} (no config.json); pass a folder written by "
                              "save_pretrained, such as RUN/final")
         return str(path)
-    if not _hub_name(name):
+    if not _hub_name(name) or is_gguf(path):
         raise ValueError(f"{what} {name} does not exist; pass a folder written by save_pretrained (such as "
                          "runs/reference/final) or a hub name such as TinyLlama/TinyLlama_v1.1")
     if _cached(name):

@@ -131,6 +131,7 @@ def test_lora_refusals_are_one_sentence(stores, reference_model, tmp_path, capsy
     refused(["--use-peft", "--model", str(reference_model), "--objective", "slm", "--reference", str(other)],
             "is an adapter trained on someone/else, not on the learner's --model")
     refused(["--use-peft", "--load-in-4bit", "--model", str(other)], "is a LoRA adapter folder, which rho1 merges")
+    refused(["--use-peft", "--load-in-4bit", "--model-preset", "nano"], "a --model-preset is built fresh in float32")
     # FSDP and DeepSpeed are refused for every LoRA run, with or without a reference; DDP is not
     from accelerate import DistributedType
 

@@ -118,6 +118,8 @@ BAD = {
     "two references": ({"reference": "runs/ref/final"}, "needs exactly one of reference_data"),
     "bad baseline": ({"baselines": ["clm", "soft"]}, "--baselines must be one of clm, random, got 'soft'"),
     "bad ratio": ({"ratio": 1.5}, "selection ratio must be in (0, 1], got 1.5"),
+    "a model that is not there": ({"model": "./no-such-model"}, "model ./no-such-model does not exist"),
+    "a .gguf that is not there": ({"model": "smollm2.gguf"}, "model smollm2.gguf does not exist"),
     "base of a pretrained model": ({"model": "runs/x/final", "base_tokens": 10},
                                    "base_tokens pretrains a fresh preset model"),
 }

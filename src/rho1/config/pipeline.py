@@ -26,6 +26,12 @@ SET_BY_PIPELINE = {
 }
 # the reference's evaluations are its own; the runs' come from eval_points so that every run evaluates alike
 SET_BY_PIPELINE["reference_train"] = tuple(k for k in SET_BY_PIPELINE["train"] if k != "eval_every")
+# where the recipe decides what a stage section may not set
+FROM_RECIPE = {"sources": "files: corpus, reference_data, target", "data": "files: corpus, reference_data",
+               "model": "key model", "model_preset": "key model", "tokenizer": "key model",
+               "train_tokenizer": "keys model and vocab_size", "reference": "key reference", "ratio": "key ratio",
+               "max_tokens": "key tokens", "eval_data": "key target", "eval_every": "key eval_points",
+               "seed": "key seed", "threads": "key threads", "out": "key out", "seq_len": "section train: seq-len"}
 SECTIONS = {"prepare": PrepareConfig, "score": ScoreConfig, "train": TrainConfig, "reference_train": TrainConfig}
 
 
@@ -81,9 +87,11 @@ class Recipe:
             raise ValueError(f"{where}: {name} must be a mapping of option: value, got {values!r}")
         set_here = SET_BY_PIPELINE[name]
         for key in values:
-            if str(key).lstrip("-").replace("-", "_") in set_here:
-                raise ValueError(f"{where}: {name}: {key} is set by the pipeline itself; set it at the top of the "
-                                 "recipe (model, corpus, tokens, ratio, eval_points, seed, out) or drop it")
+            field = str(key).lstrip("-").replace("-", "_")
+            if field in set_here:
+                source = FROM_RECIPE.get(field)
+                raise ValueError(f"{where}: {name}: {key} is set by the pipeline itself"
+                                 f"{f' (from the recipe {source})' if source else ''}; drop it")
         return config_from_dict(cls, values, f"{where}: {name}")
 
     def options(self, name: str) -> dict:

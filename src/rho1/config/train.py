@@ -162,6 +162,9 @@ class TrainConfig:
     def _check_lora(self) -> None:
         lora_given = (self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_target_modules) != (
             16, 32.0, 0.05, ["all-linear"])
+        if self.load_in_4bit and self.use_peft and not self.model:
+            raise ValueError("--load-in-4bit quantizes a pretrained --model's base, and a --model-preset is built fresh "
+                             "in float32; pass --model, or drop --load-in-4bit")
         if not self.use_peft and (lora_given or self.load_in_4bit):
             raise ValueError("--lora-* and --load-in-4bit shape the adapters of --use-peft; pass --use-peft or drop "
                              "them")

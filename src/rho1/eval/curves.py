@@ -19,11 +19,12 @@ def token_efficiency(baseline: list[tuple[int, float]], other: list[tuple[int, f
     """Tokens the baseline needs to reach its own final loss / tokens ``other`` needs to reach it.
 
     Returns (ratio, reached). When ``other`` never reaches it, the ratio is an upper bound computed with
-    its whole budget, and ``reached`` is False.
+    its whole budget, and ``reached`` is False. NaN (printed n/a) when there is nothing to compare: a NaN final
+    loss, or a baseline whose loss never fell below where it started (it "needs" 0 tokens).
     """
     target = baseline[-1][1]
     needed = tokens_to_reach(baseline, target)
-    if needed is None:  # a NaN final loss (no target tokens evaluated): nothing to compare
+    if not needed:  # None: a NaN final loss (no target tokens evaluated); 0: training did not lower the loss
         return float("nan"), False
     got = tokens_to_reach(other, target)
     if got is None:

@@ -34,6 +34,7 @@ from rho1.data.store import ScoreStore, TokenStore, check_writable, read_json, w
 from rho1.eval.accuracy import QA_TEMPLATE
 from rho1.eval.curves import format_efficiency, read_curve, target_key, token_efficiency
 from rho1.lock import write_lock
+from rho1.pretrained import locate
 from rho1.threads import set_threads
 from rho1.train import train
 
@@ -128,6 +129,11 @@ class Study:
 def run_pipeline(recipe: Recipe, progress: bool = True) -> dict:
     """The whole study of a recipe (see the module's docstring); returns the results written to OUT/results.json."""
     recipe.check()
+    # a mistyped model would otherwise be found by the first stage, after the stage's older output is gone
+    if recipe.model not in MODEL_PRESETS:
+        locate(recipe.model, "model")
+    if recipe.reference:
+        locate(recipe.reference, "reference")
     out = Path(recipe.out)
     check_writable(out)
     if out.is_dir() and any(out.iterdir()) and not (out / ".stages").is_dir():
