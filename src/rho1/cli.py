@@ -78,6 +78,8 @@ VERBS = {  # verb: (config, help)
     "view": (C.ViewConfig, "HTML page of text with each token coloured by its selection"),
     "report": (C.ReportConfig, "one self-contained HTML file comparing runs"),
     "demo": (C.DemoConfig, "every stage end to end on the embedded demo data"),
+    "verify": (C.VerifyConfig, "the full check of a TokenStore or ScoreStore: every file against its hash, every "
+               "token id against the vocabulary (an open checks sizes and times only)"),
     "pipeline": (C.PipelineConfig, "the whole study on your own data from one recipe file: stores, reference, scores, "
                  "SLM and baselines, results and report, each stage cached by its inputs"),
 }
@@ -167,6 +169,10 @@ def run_stage(command: str, cfg, args: argparse.Namespace):
         from rho1.experiments.demo import run_demo
 
         return run_demo(cfg)
+    if command == "verify":
+        from rho1.data.store import verify_stores
+
+        return verify_stores(cfg.stores)
     if command == "pipeline":
         if cfg.example:
             print(_example(), end="")

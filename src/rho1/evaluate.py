@@ -27,11 +27,11 @@ def evaluate_model(cfg: EvalConfig, progress: bool = True) -> dict:
     cfg.check()
     if cfg.threads:
         set_threads(cfg.threads)  # leaves torch alone when it already uses that many
-    stores = [TokenStore.open(p).verify() for p in cfg.data]
+    stores = [TokenStore.open(p).check() for p in cfg.data]
     if cfg.train_on == "target":  # one sentence before any model is loaded
         for store in stores:
             trainable_mask(store, "target")
-    scores = [ScoreStore.open(s, st).verify() if s else None for s, st in zip(cfg.scores or [""] * len(stores), stores)]
+    scores = [ScoreStore.open(s, st).check() if s else None for s, st in zip(cfg.scores or [""] * len(stores), stores)]
     seq_len = cfg.seq_len or next((s.seq_len for s in scores if s is not None), 256)
     for s in scores:
         if s is not None and s.seq_len != seq_len:

@@ -29,6 +29,7 @@ from rho1.data.store import (
     ScoreStore,
     TokenStore,
     check_writable,
+    file_record,
     read_manifest,
     write_json_atomic,
 )
@@ -176,7 +177,7 @@ def score(cfg: ScoreConfig, progress: bool = True) -> ScoreStore:
     if cfg.threads:
         set_threads(cfg.threads)  # leaves torch alone when it already uses that many
     check_writable(cfg.out)
-    store = TokenStore.open(cfg.data).verify()
+    store = TokenStore.open(cfg.data).check()
     check_not_inside(cfg.out, {"--data": cfg.data, "--model": cfg.model})
     accelerator = make_accelerator(cfg.precision)
     with contextlib.ExitStack() as lock:
@@ -246,7 +247,7 @@ def _complete(out: Path, identity: dict, job: str, spans: list[tuple[int, int]],
         finite = np.isfinite(values)
         total, count = total + float(values[finite].sum()), count + int(finite.sum())
     manifest = {"format": SCORE_FORMAT, **identity, "complete": True, "completed_ranges": [[0, n_tokens]],
-                "sha256": {"scores.bin": digest.hexdigest()}, "mean_loss": total / count if count else None,
+                "sha256": {"scores.bin": digest.hexdigest()}, "files": file_record(out, ["scores.bin"]), "mean_loss": total / count if count else None,
                 "tokens_per_second": None if tokens_per_second is None else round(tokens_per_second, 1)}
     write_json_atomic(out / "manifest.json", manifest)
     if progress:

@@ -141,7 +141,7 @@ def compute_dynamics(cfg: DynamicsConfig, progress: bool = True) -> Dynamics:
         raise ValueError(f"{run} is not a run folder of `rho1 train` (no config.yaml)")
     out = Path(cfg.out) if cfg.out else run / "dynamics"
     check_writable(out)
-    store = TokenStore.open(cfg.data).verify()
+    store = TokenStore.open(cfg.data).check()
     run_cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
     seq_len = cfg.seq_len or run_cfg.get("seq_len") or 256
     checkpoints = run_checkpoints(run, cfg.include_start)

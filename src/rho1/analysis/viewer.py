@@ -113,8 +113,8 @@ def build_view(cfg: ViewConfig) -> tuple[str, dict]:
         raise ValueError("rho1 view needs --model (one checkpoint, or several to compare side by side)")
     if not (cfg.scores or cfg.reference):
         raise ValueError("rho1 view needs reference losses: --scores SCORE_STORE of --data, or --reference MODEL")
-    store = TokenStore.open(cfg.data).verify()
-    scores = ScoreStore.open(cfg.scores, store).verify() if cfg.scores else None
+    store = TokenStore.open(cfg.data).check()
+    scores = ScoreStore.open(cfg.scores, store).check() if cfg.scores else None
     if scores is not None and cfg.seq_len not in (None, scores.seq_len):
         raise ValueError(f"scores {scores.path} use windows of {scores.seq_len} tokens but --seq-len is {cfg.seq_len}; "
                          f"pass --seq-len {scores.seq_len} (or leave it out)")

@@ -23,9 +23,10 @@ from rho1.config.pipeline import PipelineConfig, Recipe, load_recipe
 from rho1.config.prepare import PrepareConfig
 from rho1.config.score import ScoreConfig
 from rho1.config.train import TrainConfig
+from rho1.config.verify import VerifyConfig
 from rho1.interrupt import Interrupted, on_ctrl_c, stop_if_ctrl_c
 
 __all__ = ["PrepareConfig", "ScoreConfig", "TrainConfig", "ExportConfig", "EvalConfig", "AnswerConfig", "SweepConfig",
            "DynamicsConfig", "ViewConfig", "ReportConfig", "DemoConfig", "DEMO_PRESETS", "config_from_dict",
            "load_yaml", "opt", "ATTENTION", "MODEL_PRESETS", "PRECISIONS", "TRACKERS", "TRAIN_ON", "TRAIN_ON_HELP",
-           "Interrupted", "on_ctrl_c", "stop_if_ctrl_c", "PipelineConfig", "Recipe", "load_recipe"]
+           "Interrupted", "on_ctrl_c", "stop_if_ctrl_c", "PipelineConfig", "Recipe", "load_recipe", "VerifyConfig"]

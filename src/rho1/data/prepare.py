@@ -15,7 +15,7 @@ import numpy as np
 
 from rho1.config import PrepareConfig
 from rho1.data.sources import HF_PREFIX, chat_renderer, expand_sources, read_documents
-from rho1.data.store import TOKEN_FORMAT, TokenStore, check_writable, write_json_atomic
+from rho1.data.store import TOKEN_FORMAT, TokenStore, check_writable, file_record, write_json_atomic
 from rho1.data.tokenizer import load_tokenizer, tokenizer_hash, train_bpe
 from rho1.lock import check_not_inside, write_lock
 from rho1.progress import progress_bar
@@ -158,7 +158,7 @@ def write_stream(folder: Path, tokenizer, documents, batch_docs: int = 512, prog
     ``workers`` processes; returns the counts and hashes for the manifest."""
     dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
     content, hashes = hashlib.sha256(), {"tokens.bin": hashlib.sha256(), "target_mask.bin": hashlib.sha256()}
-    offsets, any_target, labels, label_ids = [0], False, {}, []
+    offsets, any_target, labels, label_ids, largest = [0], False, {}, [], -1
 
     def batches():
         docs = iter(documents)
@@ -178,6 +178,7 @@ def write_stream(folder: Path, tokenizer, documents, batch_docs: int = 512, prog
                     h.update(data)
                     content.update(data)
                 any_target |= bool(mask.any())
+                largest = max(largest, int(arr.max()))
                 offsets.append(offsets[-1] + len(arr))
             bar.update(offsets[-1] - before)
     bar.close()
@@ -189,8 +190,8 @@ def write_stream(folder: Path, tokenizer, documents, batch_docs: int = 512, prog
         np.save(folder / "doc_labels.npy", np.asarray(label_ids, dtype=np.int32), allow_pickle=False)
         hashes["doc_labels.npy"] = hashlib.sha256((folder / "doc_labels.npy").read_bytes())
     return {"labels": list(labels), "dtype": np.dtype(dtype).name, "n_tokens": offsets[-1], "n_docs": len(offsets) - 1,
-            "has_target_mask": any_target, "content_hash": content.hexdigest()[:16],
-            "sha256": {name: h.hexdigest() for name, h in hashes.items()}}
+            "has_target_mask": any_target, "content_hash": content.hexdigest()[:16], "max_token_id": largest,
+            "sha256": {name: h.hexdigest() for name, h in hashes.items()}, "files": file_record(folder, hashes)}
 
 
 def prepare(cfg: PrepareConfig, progress: bool = True) -> TokenStore:
@@ -246,7 +247,8 @@ def _prepare(cfg: PrepareConfig, out: Path, progress: bool) -> TokenStore:
                 "template": template, "target_field": cfg.target_field, "label_field": cfg.label_field,
                 "chat_field": cfg.chat_field, **({"chats_without_answer": without_answer[0]} if chat else {}),
                 "labels": written["labels"],
-                **{k: written[k] for k in ("has_target_mask", "content_hash", "sha256")}, "seconds": round(seconds, 3)}
+                **{k: written[k] for k in ("has_target_mask", "content_hash", "max_token_id", "sha256", "files")},
+                "seconds": round(seconds, 3)}
     write_json_atomic(tmp / "manifest.json", manifest)
     move_store_into_place(tmp, out)
     if progress:

@@ -115,6 +115,55 @@ def verify_files(path: Path, manifest: dict, kind: str, how: str) -> None:
             raise ValueError(f"{f} does not match the hash in its manifest (corrupted or changed); {how}")
 
 
+def file_record(path: Path, names) -> dict:
+    """Size and modification time of each file, taken when a store is written: what opening it checks."""
+    record = {}
+    for name in names:
+        st = (Path(path) / name).stat()
+        record[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return record
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun / accelerate launch (RANK), or a plain process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def check_files(path: Path, manifest: dict, kind: str, how: str) -> list[str]:
+    """The cheap check at open: each hashed file has its recorded size (else one sentence); a file whose mtime
+    differs from the record (edited, or copied without its times) is hashed in full by the main process and
+    refused on a mismatch. Returns the names it hashed (their record is then renewed, where it can be)."""
+    record, hashed = manifest.get("files") or {}, []
+    for name, digest in manifest.get("sha256", {}).items():
+        f = Path(path) / name
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing; the {kind} is incomplete, {how}")
+        st, known = f.stat(), record.get(name)
+        if known is not None and st.st_size != known["size"]:
+            raise ValueError(f"{f} holds {st.st_size:,} bytes where its manifest recorded {known['size']:,} "
+                             f"(truncated or changed); {how}")
+        if known is not None and st.st_mtime_ns == known["mtime_ns"]:
+            continue
+        if is_main_process():  # the other processes of a launch trust the size: rank 0 refuses for them all
+            if sha256_file(f) != digest:
+                raise ValueError(f"{f} does not match the hash in its manifest (corrupted or changed); {how}")
+            hashed.append(name)
+    return hashed
+
+
+def renew_file_record(path: Path, manifest: dict, names: list[str]) -> None:
+    """After a full hash matched, record the files' times so the next open trusts them (a read-only store is
+    left as it is and hashed again next time)."""
+    if not names:
+        return
+    renewed = {**manifest, "files": {**(manifest.get("files") or {}), **file_record(path, names)}}
+    try:
+        write_json_atomic(Path(path) / "manifest.json", renewed)
+        manifest.update(renewed)
+    except OSError:
+        pass
+
+
 @dataclass
 class TokenStore:
     path: Path
@@ -183,14 +232,32 @@ class TokenStore:
     def num_windows(self, seq_len: int) -> int:
         return num_windows(self.n_tokens, seq_len)
 
-    def verify(self) -> TokenStore:
-        """Every file against its hash, and every token id against the vocabulary the manifest names."""
+    def check(self) -> TokenStore:
+        """What every open does, at the same cost for a million or a billion tokens: sizes and times against the
+        record made when the store was written (a changed file is hashed in full), and the largest token id
+        recorded then against the vocabulary. A store written before the record was kept is verified in full
+        once, and the record made."""
+        how = "recreate it with `rho1 prepare`"
+        if "files" not in self.manifest or "max_token_id" not in self.manifest:
+            return self.verify(renew=True)
+        renew_file_record(self.path, self.manifest, check_files(self.path, self.manifest, "TokenStore", how))
+        self._check_largest(self.manifest["max_token_id"])
+        return self
+
+    def verify(self, renew: bool = False) -> TokenStore:
+        """The full check (`rho1 verify`): every file against its hash, every token id against the vocabulary."""
         verify_files(self.path, self.manifest, "TokenStore", "recreate it with `rho1 prepare`")
         largest = max((int(self.tokens[i : i + (1 << 24)].max()) for i in range(0, self.n_tokens, 1 << 24)), default=-1)
+        self._check_largest(largest)
+        if renew and is_main_process():
+            self.manifest["max_token_id"] = largest
+            renew_file_record(self.path, self.manifest, list(self.manifest.get("sha256", {})))
+        return self
+
+    def _check_largest(self, largest: int) -> None:
         if largest >= self.vocab_size:
             raise ValueError(f"TokenStore {self.path} holds token id {largest} but its manifest says vocab_size "
                              f"{self.vocab_size} (the manifest was edited or damaged); recreate it with `rho1 prepare`")
-        return self
 
 
 @dataclass
@@ -231,13 +298,45 @@ class ScoreStore:
     def seq_len(self) -> int:
         return self.manifest["seq_len"]
 
-    def verify(self) -> ScoreStore:
+    def check(self) -> ScoreStore:
+        """The cheap check at open (as TokenStore.check); scores written before the record was kept are hashed
+        in full once."""
+        how = "delete it and run `rho1 score` again"
+        if "files" not in self.manifest:
+            return self.verify(renew=True)
+        renew_file_record(self.path, self.manifest, check_files(self.path, self.manifest, "ScoreStore", how))
+        return self
+
+    def verify(self, renew: bool = False) -> ScoreStore:
+        """The full check (`rho1 verify`): every file against its hash."""
         verify_files(self.path, self.manifest, "ScoreStore", "delete it and run `rho1 score` again")
+        if renew and is_main_process():
+            renew_file_record(self.path, self.manifest, list(self.manifest.get("sha256", {})))
         return self
 
     @cached_property
     def scores(self) -> np.ndarray:
         return open_memmap(self.path / "scores.bin", np.float16, self.manifest["n_tokens"], "ScoreStore")
+
+
+def verify_stores(paths: list[str], progress: bool = True) -> list:
+    """`rho1 verify`: each store checked in full (a TokenStore's ids too), one line each; the first that fails
+    is one sentence."""
+    checked = []
+    for path in paths:
+        manifest_path = Path(path) / "manifest.json"
+        fmt = read_json(manifest_path).get("format") if manifest_path.is_file() else None
+        if fmt == SCORE_FORMAT:
+            store = ScoreStore.open(path)
+        else:  # a TokenStore, or one sentence saying what the folder is not
+            store = TokenStore.open(path)
+        store.verify(renew=True)
+        checked.append(store)
+        if progress:
+            count = store.manifest["n_tokens"]
+            print(f"verify: {path}: {type(store).__name__} of {count:,} tokens, every file matches its hash"
+                  + (", every token id below the vocabulary size" if isinstance(store, TokenStore) else ""))
+    return checked
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -269,8 +368,8 @@ def check_writable(path: str | Path, flag: str = "--out", folder: bool = True) -
 
 def open_with_scores(data: str, scores: str | None, seq_len: int, verb: str = "train") -> tuple[TokenStore, ScoreStore | None]:
     """A TokenStore and its ScoreStore (when given), checked to belong together and to use ``seq_len``."""
-    store = TokenStore.open(data).verify()
-    score_store = ScoreStore.open(scores, store).verify() if scores else None
+    store = TokenStore.open(data).check()
+    score_store = ScoreStore.open(scores, store).check() if scores else None
     if score_store is not None and score_store.manifest.get("mean_loss") is None and store.n_tokens > 1:
         raise ValueError(f"scores {score_store.path} hold no finite score (every token's reference loss is NaN), so "
                          f"nothing could be selected; score the store again with `rho1 score --data {store.path}`")

@@ -177,7 +177,7 @@ def prepare_stores(recipe: Recipe, out: Path, stages: Stages, progress: bool) ->
         inputs = {"files": file_stamps(sources), "tokenizer": stores["corpus"].tokenizer_hash if name != "corpus" else
                   model_identity(recipe.model), "config": {**vars(cfg), "out": None}}
         stores[name], _ = stages(f"prepare {name}", inputs, folder, lambda cfg=cfg: prepare(cfg, progress),
-                                 lambda folder=folder: TokenStore.open(folder).verify())
+                                 lambda folder=folder: TokenStore.open(folder).check())
     return stores
 
 
@@ -295,7 +295,7 @@ def score_stores(recipe: Recipe, out: Path, stores: dict, reference: str, refere
         inputs = {"store": stores[name].hash, "reference": reference_id,
                   "config": {**vars(cfg), "out": None, "model": None, "threads": None}}
         scores[name], _ = stages(f"score {name}", inputs, folder, lambda cfg=cfg: _score(cfg, progress),
-                                 lambda folder=folder, store=stores[name]: ScoreStore.open(folder, store).verify())
+                                 lambda folder=folder, store=stores[name]: ScoreStore.open(folder, store).check())
     return scores
 
 

@@ -24,9 +24,9 @@ class Evaluator:
 
     def __init__(self, cfg: TrainConfig, accelerator, head_of=None, reference=None, resuming: bool = False):
         self.cfg, self.accelerator, self.head_of, self.reference = cfg, accelerator, head_of, reference
-        self.stores = [TokenStore.open(p).verify() for p in cfg.eval_data]
+        self.stores = [TokenStore.open(p).check() for p in cfg.eval_data]
         scores = cfg.eval_scores or [""] * len(self.stores)
-        score_stores = [ScoreStore.open(s, st).verify() if s else None for s, st in zip(scores, self.stores)]
+        score_stores = [ScoreStore.open(s, st).check() if s else None for s, st in zip(scores, self.stores)]
         for s in score_stores:
             if s is not None and s.seq_len != cfg.seq_len:
                 raise ValueError(f"eval scores {s.path} use windows of {s.seq_len} tokens but --seq-len is "
