@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import yaml
 from conftest import ROOT, SEQ_LEN, read_metrics, small_disk
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -288,3 +289,18 @@ def test_disk_full_while_checkpointing_leaves_the_previous_checkpoint_intact(sto
         state = read_training_state(disk / "run" / "checkpoints" / "1024")  # hashes verified
         assert state["tokens"] == 1024
         assert not (disk / "run" / "checkpoints" / "2048").exists()
+
+
+def test_default_warmup_is_three_percent_of_the_steps_two_processes_take(stores, reference_model, tmp_path):
+    """A pretrained --model warms up over 3% of the optimizer steps the run really takes: with 2 processes and
+    gradient accumulation each step holds 2 x 2 batches, so 100 steps (not the 200 one process would take)."""
+    out = tmp_path / "two"
+    torchrun(2, "train", "--data", str(stores["corpus"].path), "--model", str(reference_model), "--out", str(out),
+             "--seq-len", str(SEQ_LEN), "--batch-size", "1", "--grad-accum", "2", "--max-tokens", str(100 * 4 * SEQ_LEN),
+             "--log-every", "1", "--threads", "1")
+    steps = [r["step"] for r in read_metrics(out) if r["kind"] == "train"]
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert steps[-1] == 100 == json.loads((out / "summary.json").read_text())["steps"]
+    assert config["warmup_steps"] == round(0.03 * steps[-1]) == 3
+    lrs = [r["lr"] for r in read_metrics(out) if r["kind"] == "train"]
+    assert lrs[2] == pytest.approx(config["lr"]) and lrs[0] == pytest.approx(config["lr"] / 3)  # warm by step 3

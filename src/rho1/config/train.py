@@ -180,10 +180,15 @@ class TrainConfig:
                              "adapters; drop one of them")
 
     def _take_defaults(self) -> None:
-        """--lr and --warmup-steps that fit the start when not given (``default_schedule``)."""
-        lr, warmup, _ = default_schedule(self)
+        """--lr that fits the start when not given (``default_schedule``); --warmup-steps is counted over the real
+        steps, which depend on the process count, so ``resolve_warmup`` takes it once that is known."""
+        lr, _, _ = default_schedule(self)
         self.lr = lr if self.lr is None else self.lr
-        self.warmup_steps = warmup if self.warmup_steps is None else self.warmup_steps
+
+    def resolve_warmup(self, processes: int) -> None:
+        """--warmup-steps, when not given, from the optimizer steps a run of ``processes`` processes takes."""
+        if self.warmup_steps is None:
+            self.warmup_steps = default_schedule(self, processes)[1]
 
     def _check_self_reference(self) -> None:
         check_self_reference(self.reference == "self", self.reference_ema, self.reference_update)
@@ -198,14 +203,15 @@ class TrainConfig:
         return {"temperature": self.temperature, "threshold": self.threshold}
 
 
-def default_schedule(cfg: TrainConfig) -> tuple[float, int, str]:
+def default_schedule(cfg: TrainConfig, processes: int = 1) -> tuple[float, int, str]:
     """(--lr, --warmup-steps, for what) that fit a run's start, as litgpt's finetune recipes choose them: a fresh
     model (2e-3, 20 steps), all the weights of a pretrained one (5e-5, 3% of the steps: measured on SmolLM2-135M,
     2e-3 left the held-out answer loss at 1.32 after 8k tokens where 5e-5 reached 1.23), or LoRA adapters on it
-    (2e-4, 3% of the steps)."""
+    (2e-4, 3% of the steps). The steps are those the run takes: each one holds batch x accumulation x ``processes``
+    windows."""
     if not cfg.model:
         return 2e-3, 20, "a fresh model"
-    steps = -(-cfg.max_tokens // (cfg.batch_size * cfg.grad_accum * cfg.seq_len))
+    steps = -(-cfg.max_tokens // (cfg.batch_size * cfg.grad_accum * processes * cfg.seq_len))
     warmup = max(1, round(0.03 * steps))
     if cfg.use_peft:
         return 2e-4, warmup, "LoRA adapters on a pretrained --model"

@@ -26,7 +26,6 @@ from rho1.train.evaluator import Evaluator
 from rho1.train.metrics import MetricsLog
 from rho1.train.reference import loop_reference
 from rho1.train.run import Run, scores_hash, selection_hash
-from rho1.train.throughput import flops_per_token, head_backward_flops, peak_flops
 from rho1.train.trackers import tracker_config, trackers
 
 
@@ -154,6 +153,7 @@ def _setup(cfg: TrainConfig, accelerator, held: contextlib.ExitStack, progress: 
         run.checkpointer.resume(resume_from)
         run.step, run.tokens, run.next_eval, run.next_save = (state[k] for k in ("step", "tokens", "next_eval",
                                                                                   "next_save"))
+        run.flops = state.get("flops", run.tokens * run.flops_per_token)  # (a checkpoint older than the count)
     if accelerator.is_main_process:
         _open_run_folder(run, progress)
     return run
