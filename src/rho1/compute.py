@@ -1,4 +1,5 @@
-"""Model FLOPs utilisation: the FLOPs a training step's tokens need over what the device could do at most.
+"""What a stage costs: model FLOPs per token (training, and forward-only for scoring), the device's peak, MFU,
+and a study's compute efficiency with the reference's break-even.
 
 Per token, a forward and backward take ``6 N`` FLOPs for the ``N`` parameters that multiply (the input
 embedding is a lookup, so it counts only when it is also the tied head; a frozen weight, as LoRA's base, needs
@@ -15,10 +16,13 @@ machine cannot lower). ``mfu`` refuses a value above 1: it says what is wrong in
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import torch
+
+from rho1.eval.curves import tokens_to_reach
 
 # dense peaks of one device in FLOP/s: bf16/fp16 tensor cores, and plain fp32 (no TF32)
 PEAK_FLOPS = {"H200": {"half": 989e12, "fp32": 67e12}, "H100": {"half": 989e12, "fp32": 67e12},
@@ -65,6 +69,20 @@ def flops_per_token(model, seq_len: int) -> float:
     heads = _config_value(config, "num_attention_heads", "n_head", "n_heads", "attention_heads")
     attention = 6 * layers * width * seq_len if layers and width and heads else 0  # none in a state-space model
     return 6.0 * trained + 4.0 * frozen + attention
+
+
+def forward_flops_per_token(model, seq_len: int) -> float:
+    """FLOPs per token of a forward pass (scoring): ``2 N`` for the parameters that multiply, and a third of
+    training's causal attention."""
+    embedding = model.get_input_embeddings()
+    _, tied = _head(model)
+    skip = set() if tied else {id(embedding.weight)}
+    multiplying = sum(p.numel() for p in model.parameters() if id(p) not in skip)
+    config = model.config
+    layers = _config_value(config, "num_hidden_layers", "n_layer", "n_layers", "num_layers")
+    width = _config_value(config, "hidden_size", "n_embd", "d_model")
+    heads = _config_value(config, "num_attention_heads", "n_head", "n_heads", "attention_heads")
+    return 2.0 * multiplying + (2 * layers * width * seq_len if layers and width and heads else 0)
 
 
 def head_backward_flops(model) -> float:
@@ -201,3 +219,38 @@ def peak_memory_mib(device: torch.device) -> dict:
     if device.type == "cuda":
         found["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return found
+
+
+def compute_efficiency(baseline: list[tuple[float, float]], slm: list[tuple[float, float]],
+                       scoring_flops: float) -> tuple[float, bool, float, float]:
+    """(ratio, reached, the baseline's FLOPs, SLM's FLOPs with its scoring): the baseline's training FLOPs to reach
+    its own final loss over SLM's training FLOPs to reach that loss plus the scoring pass it paid for. Curves are
+    (cumulative training FLOPs, target loss) at each evaluation. Not reached: an upper bound with SLM's whole run."""
+    nan = float("nan")
+    if not baseline or not slm:
+        return nan, False, nan, nan
+    needed = tokens_to_reach(baseline, baseline[-1][1])
+    if not needed:
+        return nan, False, nan, nan
+    got = tokens_to_reach(slm, baseline[-1][1])
+    paid = (slm[-1][0] if got is None else got) + scoring_flops
+    return needed / max(paid, 1e-9), got is not None, needed, paid
+
+
+def break_even(reference_flops: float, baseline_flops: float, slm_flops: float) -> int | None:
+    """Runs like this one after which SLM's saving (baseline - SLM with scoring) has paid for training the
+    reference once; None (never) when SLM saves nothing."""
+    saving = baseline_flops - slm_flops
+    if not saving > 0:
+        return None
+    return max(1, math.ceil(reference_flops / saving))
+
+
+def format_count(flops: float) -> str:
+    """1.23e15 FLOPs as ``1.23 PFLOP``."""
+    if flops != flops:
+        return "n/a"
+    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if flops >= scale:
+            return f"{flops / scale:.3g} {unit}"
+    return f"{flops / 1e6:.3g} MFLOP"

@@ -22,6 +22,7 @@ import numpy as np
 
 from rho1.accel import compute_dtype, hold_job_lock, make_accelerator
 from rho1.align import PROJECTION, load_reference
+from rho1.compute import format_flops, forward_flops_per_token, mfu, peak_flops
 from rho1.config import ScoreConfig
 from rho1.data.loader import trainable_mask
 from rho1.data.store import (
@@ -188,6 +189,7 @@ def score(cfg: ScoreConfig, progress: bool = True) -> ScoreStore:
 def _score(cfg: ScoreConfig, store: TokenStore, accelerator, progress: bool) -> ScoreStore:
     if cfg.train_on == "target":
         trainable_mask(store, "target")  # one sentence when the store has no target tokens
+    began = time.time()
     model = _reference_model(cfg, store, accelerator.device)
     out = Path(cfg.out)
     n_windows = store.num_windows(cfg.seq_len)
@@ -224,14 +226,18 @@ def _score(cfg: ScoreConfig, store: TokenStore, accelerator, progress: bool) -> 
         time.time() - start, 1e-9)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        # (a reference with another tokenizer runs on its own tokens: its cost is counted per store token)
+        cost = {"flops_per_token": forward_flops_per_token(getattr(model, "model", model), cfg.seq_len),
+                "seconds": round(time.time() - began, 3),
+                "peak": peak_flops(accelerator.device, cfg.precision)}
         _complete(out, identity, job, spans, tokens_per_second if mine else None, accelerator.num_processes,
-                  progress)
+                  progress, cost)
     accelerator.wait_for_everyone()
     return ScoreStore.open(out, store)
 
 
 def _complete(out: Path, identity: dict, job: str, spans: list[tuple[int, int]], tokens_per_second: float | None,
-              processes: int, progress: bool) -> None:
+              processes: int, progress: bool, cost: dict) -> None:
     """The manifest says complete, with the hash of the scores, once every chunk is done: each chunk's bytes
     are read back and checked against its marker on the way (nothing is complete without its contents)."""
     digest, total, count, n_tokens = hashlib.sha256(), 0.0, 0, spans[-1][1] if spans else 0
@@ -248,10 +254,18 @@ def _complete(out: Path, identity: dict, job: str, spans: list[tuple[int, int]],
         total, count = total + float(values[finite].sum()), count + int(finite.sum())
     manifest = {"format": SCORE_FORMAT, **identity, "complete": True, "completed_ranges": [[0, n_tokens]],
                 "sha256": {"scores.bin": digest.hexdigest()}, "files": file_record(out, ["scores.bin"]), "mean_loss": total / count if count else None,
-                "tokens_per_second": None if tokens_per_second is None else round(tokens_per_second, 1)}
+                "tokens_per_second": None if tokens_per_second is None else round(tokens_per_second, 1),
+                # what the pass cost: forward FLOPs of every token as scored, and this command's wall time
+                "flops": n_tokens * cost["flops_per_token"], "flops_per_token": cost["flops_per_token"],
+                "seconds": cost["seconds"]}
+    utilisation, why_not = (mfu(tokens_per_second / processes * cost["flops_per_token"], cost["peak"])
+                            if tokens_per_second else (None, "nothing was scored"))
+    manifest.update(mfu=utilisation, peak_flops=cost["peak"][0], peak_flops_from=cost["peak"][1])
     write_json_atomic(out / "manifest.json", manifest)
     if progress:
         speed = ("nothing left to score" if tokens_per_second is None else
-                 f"{tokens_per_second:,.0f} tokens/s over {processes} process(es)")
+                 f"{tokens_per_second:,.0f} tokens/s over {processes} process(es), "
+                 + (f"MFU {utilisation:.1%} of {format_flops(cost['peak'][0])}" if utilisation is not None
+                    else f"MFU not shown: {why_not}"))
         mean = "no finite loss" if count == 0 else f"mean reference loss {manifest['mean_loss']:.4f}"
         print(f"score: {n_tokens:,} tokens, {mean} -> {out} ({speed})")

@@ -68,6 +68,26 @@ def test_one_command_then_cached_then_one_changed_stage(user_files, tmp_path, ca
     for name in ("clm", "random"):
         assert results["runs"][name]["slm_token_efficiency"] > 0 and results["runs"][name]["tokens"] == 4096
     assert "token efficiency" in printed and "slm " in printed and str(out / "results.json") in printed
+    # what it cost: every stage's FLOPs and seconds, compute efficiency beside token efficiency, the break-even
+    cost = results["cost"]
+    assert set(cost["stages"]) == {"train reference", "score corpus", "score target", "train slm", "train clm",
+                                   "train random"}
+    assert all(c["flops"] > 0 and c["seconds"] >= 0 for c in cost["stages"].values())
+    scored = json.loads((out / "scores" / "corpus" / "manifest.json").read_text())
+    assert scored["flops"] == scored["n_tokens"] * scored["flops_per_token"] == cost["efficiency"]["clm"][
+        "scoring_flops"]
+    clm = json.loads((out / "clm" / "summary.json").read_text())
+    # every token forward and backward, less the head backward of each window's first token (it predicts nothing)
+    assert cost["stages"]["train clm"]["flops"] == clm["train_flops"] == pytest.approx(4096 * clm["flops_per_token"],
+                                                                                       rel=0.01)
+    assert cost["stages"]["train slm"]["flops"] < clm["train_flops"]  # the head's backward of dropped tokens
+    for name in ("clm", "random"):
+        e = cost["efficiency"][name]
+        assert results["runs"][name]["slm_compute_efficiency"] == pytest.approx(
+            e["baseline_flops"] / e["slm_flops_with_scoring"]) and e["slm_flops_with_scoring"] > e["scoring_flops"]
+        assert e["break_even"] == "never" if e["compute_efficiency"] <= 1 else e["break_even"].startswith("after ")
+    assert "compute efficiency" in printed and "cost: train reference" in printed and "break-even" in printed
+    assert "What it cost" in (out / "report.html").read_text()
     assert "reference: target" in printed  # the reference against its start, before scoring
     assert "<img" in (out / "report.html").read_text()
     # the same recipe again: nothing runs, the same results

@@ -4,8 +4,18 @@ derived from the hardware rather than measured on a machine that may be busy."""
 import pytest
 import torch
 
+from rho1.compute import (
+    break_even,
+    compute_efficiency,
+    cpu_peak_flops,
+    flops_per_token,
+    format_count,
+    format_flops,
+    forward_flops_per_token,
+    head_backward_flops,
+    mfu,
+)
 from rho1.model import build_model
-from rho1.train.throughput import cpu_peak_flops, flops_per_token, format_flops, head_backward_flops, mfu
 
 CPUINFO = """processor\t: {n}
 model name\t: Intel(R) Xeon(R) Processor
@@ -49,6 +59,25 @@ def test_flops_per_token_count_causal_attention_and_the_tied_head_once():
     assert sum(p.numel() for p in model.parameters()) == n
     assert flops_per_token(model, 64) == 6 * n + 6 * c.num_hidden_layers * c.hidden_size * 64
     assert head_backward_flops(model) == 4 * head
+    assert forward_flops_per_token(model, 64) == 2 * n + 2 * c.num_hidden_layers * c.hidden_size * 64  # a third
+
+
+def test_compute_efficiency_counts_the_scoring_pass_and_the_break_even_the_reference():
+    # CLM reaches its final loss 2.0 at 100 FLOPs; SLM reaches 2.0 at 40 (interpolated between 30 and 50)
+    clm = [(0.0, 4.0), (50.0, 3.0), (100.0, 2.0)]
+    slm = [(0.0, 4.0), (30.0, 2.5), (50.0, 1.5)]
+    ratio, reached, needed, paid = compute_efficiency(clm, slm, scoring_flops=10.0)
+    assert reached and needed == 100.0 and paid == pytest.approx(50.0) and ratio == pytest.approx(2.0)
+    assert break_even(120.0, needed, paid) == 3  # saves 50 a run: 120 paid back after 3 runs
+    assert break_even(120.0, needed, 100.0) is None  # saves nothing: never
+    # a scoring pass as large as the saving leaves SLM no cheaper, however many fewer tokens it needed
+    ratio, reached, _, paid = compute_efficiency(clm, slm, scoring_flops=60.0)
+    assert reached and ratio == pytest.approx(1.0)
+    # never reached: an upper bound with SLM's whole run and its scoring
+    ratio, reached, _, paid = compute_efficiency(clm, [(0.0, 4.0), (80.0, 3.0)], scoring_flops=20.0)
+    assert not reached and paid == 100.0 and ratio == pytest.approx(1.0)
+    assert compute_efficiency([], slm, 1.0)[0] != compute_efficiency([], slm, 1.0)[0]  # NaN: nothing to compare
+    assert format_count(1.5e15) == "1.5 PFLOP" and format_count(2e9) == "2 GFLOP"
 
 
 def test_an_mfu_above_one_is_never_a_value():

@@ -18,6 +18,7 @@ from markupsafe import Markup
 from rho1.analysis.dynamics import CLASSES, Dynamics, classify
 from rho1.analysis.html import render_page
 from rho1.analysis.plots import figure, to_data_uri
+from rho1.compute import format_count
 from rho1.config import ReportConfig
 from rho1.data.store import check_writable, read_json, read_jsonl
 from rho1.eval.curves import format_efficiency, read_curve, target_key, token_efficiency
@@ -39,6 +40,17 @@ final {{ target_name }} divided by the tokens the run needs to reach it (dropped
 <tr><td>share of {{ "{:,}".format(d.tokens) }} held-out tokens</td>{% for c in classes %}<td>{{ "%.1f%%" % (d.shares[c] * 100) }}</td>{% endfor %}</tr></table>
 {% for uri in d.plots %}<figure><img src="{{ uri }}" alt="token dynamics"></figure>{% endfor %}
 {% endfor %}
+{% if cost %}<h2>What it cost</h2>
+<p>Model FLOPs (the count MFU uses; scoring is a forward pass) and wall seconds of each stage. Compute efficiency =
+the baseline's training FLOPs to reach its own final {{ target_name }} divided by SLM's training FLOPs to reach it
+plus the scoring pass of the whole corpus. The reference is trained once and reused, so it is shown apart with its
+break-even: the runs like this one after which SLM's saving has paid for it.</p>
+<table class="cost"><tr><th>stage</th><th>FLOPs</th><th>seconds</th></tr>
+{% for name, c in cost.stages.items() %}<tr><td>{{ name }}</td><td>{{ c.flops_shown }}</td><td>{{ c.seconds_shown }}</td></tr>
+{% endfor %}</table>
+<table class="cost"><tr><th>SLM against</th><th>compute efficiency</th><th>reference break-even</th></tr>
+{% for name, e in cost.efficiency.items() %}<tr><td>{{ name }}</td><td>{{ e.shown }}</td><td>{{ e.break_even_shown }}</td></tr>
+{% endfor %}</table>{% endif %}
 {% if viewer %}<h2>Which tokens are selected</h2>{{ viewer }}{% endif %}
 """, autoescape=True)
 
@@ -74,15 +86,15 @@ def load_dynamics(run: Path) -> Dynamics | None:
                     meta["threshold"])
 
 
-def _curve_figure(runs, key: str, title: str, ylabel: str, source: str = "evals"):
+def _curve_figure(runs, key: str, title: str, ylabel: str, source: str = "evals", x: str = "tokens"):
     fig, ax = figure()
     drawn = False
     for r in runs:
-        points = [(x["tokens"], x[key]) for x in r[source] if x.get(key) is not None and x[key] == x[key]]
+        points = [(p[x], p[key]) for p in r[source] if p.get(key) is not None and p[key] == p[key] and x in p]
         if points:
             ax.plot(*zip(*points), marker="." if source == "evals" else None, label=r["name"])
             drawn = True
-    ax.set(xlabel="tokens trained", ylabel=ylabel, title=title)
+    ax.set(xlabel="training FLOPs" if x == "flops" else "tokens trained", ylabel=ylabel, title=title)
     if drawn:
         ax.legend()
         return {"title": title, "uri": to_data_uri(fig)}
@@ -112,7 +124,8 @@ def _label_figures(runs) -> list[dict]:
     return out
 
 
-def build_report(cfg: ReportConfig, viewer_html: str | None = None) -> tuple[str, dict]:
+def build_report(cfg: ReportConfig, viewer_html: str | None = None, cost: dict | None = None) -> tuple[str, dict]:
+    """The page and its summary; ``cost``: a study's compute (rho1.experiments.pipeline.study_cost), shown as such."""
     if not cfg.runs:
         raise ValueError("rho1 report needs at least one run directory")
     runs = [read_run(Path(p)) for p in cfg.runs]
@@ -144,6 +157,7 @@ def build_report(cfg: ReportConfig, viewer_html: str | None = None) -> tuple[str
                                       **{k: last.get(k) for k in metric_names}}
     figures = [
         _curve_figure(runs, target, f"{target} against tokens trained", "loss"),
+        _curve_figure(runs, target, f"{target} against training FLOPs", "loss", x="flops"),
         _curve_figure(runs, f"eval/{store}/selected_loss", "held-out loss of selected tokens", "loss"),
         _curve_figure(runs, f"eval/{store}/unselected_loss", "held-out loss of unselected tokens", "loss"),
         _curve_figure(runs, "frac_selected", "fraction of tokens selected per step", "fraction", "steps"),
@@ -166,15 +180,26 @@ def build_report(cfg: ReportConfig, viewer_html: str | None = None) -> tuple[str
             summary["runs"][r["name"]]["dynamics_shares"] = dyn.shares()
     body = BODY.render(runs=runs, rows=rows, baseline=baseline["name"], target_name=target, metric_names=metric_names,
                        figures=figures, dynamics=dynamics, classes=CLASSES,
-                       viewer=Markup(viewer_html) if viewer_html else None)
+                       viewer=Markup(viewer_html) if viewer_html else None, cost=_shown_cost(cost))
     summary["figures"] = len(figures)
     return render_page("rho1 report: " + ", ".join(r["name"] for r in runs), body, STYLE), summary
 
 
-def report(cfg: ReportConfig, viewer_html: str | None = None, progress: bool = True) -> dict:
+def _shown_cost(cost: dict | None) -> dict | None:
+    if not cost:
+        return None
+    stages = {name: {"flops_shown": format_count(c["flops"]) if c.get("flops") is not None else "-",
+                     "seconds_shown": f"{c['seconds']:,.0f}" if c.get("seconds") is not None else "-"}
+              for name, c in cost["stages"].items()}
+    efficiency = {name: {"shown": format_efficiency(e["compute_efficiency"], e["reached"]),
+                         "break_even_shown": e["break_even"]} for name, e in cost["efficiency"].items()}
+    return {"stages": stages, "efficiency": efficiency}
+
+
+def report(cfg: ReportConfig, viewer_html: str | None = None, progress: bool = True, cost: dict | None = None) -> dict:
     cfg.check()
     check_writable(cfg.out, folder=False)
-    html, summary = build_report(cfg, viewer_html)
+    html, summary = build_report(cfg, viewer_html, cost)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(html)

@@ -32,11 +32,12 @@ def token_efficiency(baseline: list[tuple[int, float]], other: list[tuple[int, f
     return needed / max(got, 1e-9), True
 
 
-def read_curve(metrics_path, key: str) -> list[tuple[int, float]]:
-    """(tokens, value) of one eval metric from a run's metrics.jsonl."""
+def read_curve(metrics_path, key: str, x: str = "tokens") -> list[tuple[float, float]]:
+    """(tokens, value) of one eval metric from a run's metrics.jsonl; ``x="flops"``: (training FLOPs so far, value),
+    empty for a run logged before FLOPs were counted."""
     from rho1.data.store import read_jsonl
 
-    return [(r["tokens"], r[key]) for r in read_jsonl(metrics_path) if r.get("kind") == "eval" and key in r]
+    return [(r[x], r[key]) for r in read_jsonl(metrics_path) if r.get("kind") == "eval" and key in r and x in r]
 
 
 def format_efficiency(value: float, reached: bool) -> str:

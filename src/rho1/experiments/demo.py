@@ -19,13 +19,14 @@ import torch
 from rho1.analysis.dynamics import DynamicsConfig, compute_dynamics
 from rho1.analysis.report import ReportConfig, report
 from rho1.analysis.viewer import ViewConfig, build_view, run_checkpoint_columns
+from rho1.compute import compute_efficiency
 from rho1.config import DemoConfig
 from rho1.data.store import check_writable
 from rho1.data.tokenizer import load_tokenizer
 from rho1.eval.accuracy import QA_TEMPLATE, AnswerConfig, answer_accuracy
 from rho1.eval.curves import format_efficiency, read_curve, token_efficiency
 from rho1.experiments import demo_data
-from rho1.experiments.pipeline import Recipe, run_stages
+from rho1.experiments.pipeline import Recipe, print_cost, run_stages, study_cost
 from rho1.lock import write_lock
 from rho1.model import load_model
 from rho1.threads import set_threads
@@ -100,9 +101,15 @@ def compare(files: dict[str, Path], cfg: DemoConfig, progress: bool = True, seco
         with timer("accuracy"):
             accuracy = _accuracy(files, cfg, out)
     summary = _summary(cfg, out, study.stores, study.scores, study.runs, accuracy)
+    summary["cost"] = study_cost(out, TARGET, study.runs, study.scores, trained_reference=True)
+    random_vs_clm = compute_efficiency(read_curve(out / "clm" / "metrics.jsonl", TARGET, x="flops"),
+                                       read_curve(out / "random" / "metrics.jsonl", TARGET, x="flops"), 0.0)
+    summary["compute_efficiency"] = summary["cost"]["efficiency"]["clm"]["compute_efficiency"]
+    summary["slm_reached_clm_loss_compute"] = summary["cost"]["efficiency"]["clm"]["reached"]
+    summary["random_compute_efficiency"], summary["random_reached_clm_loss_compute"] = random_vs_clm[:2]
     with timer("report"):
         summary["report"] = write_report(out, study.stores["target"].path, study.stores["corpus"].path,
-                                         study.scores["corpus"].path, cfg, progress)
+                                         study.scores["corpus"].path, cfg, progress, summary["cost"])
     summary["stage_seconds"] = timer.seconds
     summary["threads"] = torch.get_num_threads()  # the numbers depend on it: --threads N reproduces them
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -111,8 +118,11 @@ def compare(files: dict[str, Path], cfg: DemoConfig, progress: bool = True, seco
     return summary
 
 
+TARGET = "eval/target/target_loss"
+
+
 def _summary(cfg: DemoConfig, out: Path, stores: dict, scores: dict, summaries: dict, accuracy: dict) -> dict:
-    target_key, off_key = "eval/target/target_loss", "eval/offtarget/loss"
+    target_key, off_key = TARGET, "eval/offtarget/loss"
     curves = {name: read_curve(out / name / "metrics.jsonl", target_key) for name in RUNS}
     slm_eff, slm_reached = token_efficiency(curves["clm"], curves["slm"])
     rnd_eff, rnd_reached = token_efficiency(curves["clm"], curves["random"])
@@ -135,7 +145,7 @@ def _summary(cfg: DemoConfig, out: Path, stores: dict, scores: dict, summaries: 
 
 
 def write_report(out: Path, heldout: Path, corpus: Path, corpus_scores: Path, cfg: DemoConfig,
-                 progress: bool = True) -> str:
+                 progress: bool = True, cost: dict | None = None) -> str:
     """Token dynamics of the CLM and SLM runs on the held-out problems, a viewer excerpt of the web corpus,
     and the HTML report of the three runs."""
     for name in ("clm", "slm"):
@@ -147,7 +157,7 @@ def write_report(out: Path, heldout: Path, corpus: Path, corpus_scores: Path, cf
     viewer = (f"<h3>Tokens SLM trains on at its first step (top {cfg.ratio:.0%} by excess loss)</h3>{selection}"
               f"<h3>Selection tendency over the SLM run (checkpoints at 0/33/66/100%)</h3>{tendency}")
     result = report(ReportConfig(runs=[str(out / n) for n in ("clm", "slm", "random")], out=str(out / "report.html"),
-                                 target="eval/target/target_loss"), viewer, progress=False)
+                                 target=TARGET), viewer, progress=False, cost=cost)
     if progress:
         print(f"report: {Path(result['path']).resolve()}")
     return result["path"]
@@ -156,23 +166,27 @@ def write_report(out: Path, heldout: Path, corpus: Path, corpus_scores: Path, cf
 def print_table(summary: dict, out: Path) -> None:
     acc = summary.get("answer_accuracy") or {}
     fmt_acc = lambda name: f"{acc[name]:.0%}" if name in acc else "-"  # noqa: E731
-    rows = [("run", "target loss", "off-target loss", "answer accuracy", "token efficiency")]
+    rows = [("run", "target loss", "off-target loss", "answer accuracy", "token efficiency", "compute efficiency")]
     rows.append(("CLM (all tokens)", summary["final_target_loss"]["clm"], summary["final_offtarget_loss"]["clm"],
-                 fmt_acc("clm"), "1.00x"))
+                 fmt_acc("clm"), "1.00x", "1.00x"))
     rows.append((f"SLM (top {summary['ratio']:.0%} by excess loss)", summary["final_target_loss"]["slm"],
                  summary["final_offtarget_loss"]["slm"], fmt_acc("slm"),
-                 format_efficiency(summary["token_efficiency"], summary["slm_reached_clm_loss"])))
+                 format_efficiency(summary["token_efficiency"], summary["slm_reached_clm_loss"]),
+                 format_efficiency(summary["compute_efficiency"], summary["slm_reached_clm_loss_compute"])))
     rows.append((f"random {summary['ratio']:.0%} (control)", summary["final_target_loss"]["random"],
                  summary["final_offtarget_loss"]["random"], fmt_acc("random"),
-                 format_efficiency(summary["random_token_efficiency"], summary["random_reached_clm_loss"])))
+                 format_efficiency(summary["random_token_efficiency"], summary["random_reached_clm_loss"]),
+                 format_efficiency(summary["random_compute_efficiency"], summary["random_reached_clm_loss_compute"])))
     print(f"\nrho1 demo: {summary['tokens_trained']:,} tokens per run; target = loss on held-out answer tokens; "
           f"accuracy = 2-shot greedy exact match on {summary['config']['accuracy_problems']} held-out problems")
-    widths = [max(len(r[i] if isinstance(r[i], str) else f"{r[i]:.4f}") for r in rows) for i in range(5)]
+    widths = [max(len(r[i] if isinstance(r[i], str) else f"{r[i]:.4f}") for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         cells = [c if isinstance(c, str) else f"{c:.4f}" for c in r]
         print("  ".join(c.ljust(w) for c, w in zip(cells, widths)))
     stage_s = ", ".join(f"{k} {v:.0f}s" for k, v in summary["stage_seconds"].items())
-    print("\ntoken efficiency = tokens CLM needs to reach its final target loss / tokens the run needs to reach it")
+    print("\ntoken efficiency = tokens CLM needs to reach its final target loss / tokens the run needs to reach it; "
+          "compute efficiency = the same in training FLOPs, SLM's scoring pass of the corpus included")
+    print_cost(summary["cost"])
     print(f"stages: {stage_s} (total {sum(summary['stage_seconds'].values()):.0f}s, {summary['threads']} CPU threads: "
           f"`--threads {summary['threads']}` reproduces these numbers)")
     if not math.isnan(summary["token_efficiency"]) and summary["token_efficiency"] < 1.0:

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from rho1.compute import format_count
 from rho1.config import PrepareConfig, ReportConfig, ScoreConfig, TrainConfig
 from rho1.config.options import MODEL_PRESETS
 from rho1.config.pipeline import Recipe
@@ -143,7 +144,7 @@ def run_pipeline(recipe: Recipe, progress: bool = True) -> dict:
         set_threads(recipe.threads)
     with write_lock(out, "rho1 pipeline"):
         study = run_stages(recipe, progress)
-        return results(recipe, out, study.runs, study.stages, progress)
+        return results(recipe, out, study, progress)
 
 
 def run_stages(recipe: Recipe, progress: bool = True) -> Study:
@@ -333,26 +334,62 @@ def train_runs(recipe: Recipe, out: Path, stores: dict, scores: dict, start: str
     return runs
 
 
-def results(recipe: Recipe, out: Path, runs: dict, stages: Stages, progress: bool) -> dict:
-    """The table (target loss, token efficiency of SLM against each baseline, tokens, wall time) on the terminal
-    and in OUT/results.json, and OUT/report.html."""
+def study_cost(out: Path, key: str | None, runs: dict, scores: dict, trained_reference: bool) -> dict:
+    """What the study cost: each stage's model FLOPs and wall seconds, and SLM's compute efficiency against each
+    baseline (rho1.compute.compute_efficiency: the scoring pass of the corpus counted), with the break-even of the
+    reference's training (paid once, reused by every run), as runs like this one, or "never"."""
+    from rho1.compute import break_even, compute_efficiency
+
+    stages = {}
+    for name in ("base", "reference"):
+        path = out / name / "summary.json"
+        if path.is_file() and (name == "base" or trained_reference):
+            summary = read_json(path)
+            stages[f"train {name}"] = {"flops": summary.get("train_flops"), "seconds": summary.get("seconds")}
+    for name, store in scores.items():
+        stages[f"score {name}"] = {"flops": store.manifest.get("flops"), "seconds": store.manifest.get("seconds")}
+    for name, summary in runs.items():
+        stages[f"train {name}"] = {"flops": summary.get("train_flops"), "seconds": summary.get("seconds")}
+    scoring = scores["corpus"].manifest.get("flops") if "corpus" in scores else None
+    reference = (stages.get("train reference") or {}).get("flops")
+    curves = {n: read_curve(out / n / "metrics.jsonl", key, x="flops") for n in runs} if key else {}
+    efficiency = {}
+    for name in (n for n in runs if n != "slm" and key):
+        ratio, reached, needed, paid = compute_efficiency(curves[name], curves["slm"], scoring or float("nan"))
+        runs_to_pay = break_even(reference, needed, paid) if reference and ratio == ratio else None
+        efficiency[name] = {"compute_efficiency": ratio, "reached": reached, "baseline_flops": needed,
+                            "slm_flops_with_scoring": paid, "scoring_flops": scoring,
+                            "break_even": ("no reference trained here" if not reference else
+                                           "never" if runs_to_pay is None else
+                                           f"after {runs_to_pay:,} run{'s' if runs_to_pay > 1 else ''}")}
+    return {"stages": stages, "efficiency": efficiency}
+
+
+def results(recipe: Recipe, out: Path, study: Study, progress: bool) -> dict:
+    """The table (target loss, token and compute efficiency of SLM against each baseline, FLOPs, tokens, wall time)
+    on the terminal and in OUT/results.json, what each stage cost, and OUT/report.html."""
     from rho1.analysis.report import report
 
+    runs = study.runs
     key = target_key(k for s in runs.values() for k in s)
     curves = {n: read_curve(out / n / "metrics.jsonl", key) for n in runs} if key else {}
+    cost = study_cost(out, key, runs, study.scores, trained_reference=not recipe.reference)
     rows = {}
     for name, summary in runs.items():
-        row = {"tokens": summary["tokens"], "seconds": summary["seconds"], "target_loss": summary.get(key)}
+        row = {"tokens": summary["tokens"], "seconds": summary["seconds"], "train_flops": summary.get("train_flops"),
+               "target_loss": summary.get(key)}
         if name != "slm" and key:
             value, reached = token_efficiency(curves[name], curves["slm"])
-            row.update(slm_token_efficiency=value, slm_reached=reached)
+            row.update(slm_token_efficiency=value, slm_reached=reached,
+                       slm_compute_efficiency=cost["efficiency"][name]["compute_efficiency"],
+                       slm_compute_reached=cost["efficiency"][name]["reached"])
         rows[name] = row
     result = {"recipe": {k: v for k, v in vars(recipe).items()}, "metric": key, "runs": rows,
-              "stage_seconds": stages.seconds}
+              "stage_seconds": study.stages.seconds, "cost": cost}
     if key:
         baseline = "clm" if "clm" in runs else None
         report(ReportConfig(runs=[str(out / n) for n in runs], out=str(out / "report.html"), target=key,
-                            baseline=baseline), progress=False)
+                            baseline=baseline), progress=False, cost=cost)
         result["report"] = str(out / "report.html")
     write_json_atomic(out / "results.json", result)
     if progress:
@@ -363,12 +400,26 @@ def results(recipe: Recipe, out: Path, runs: dict, stages: Stages, progress: boo
 def print_results(result: dict, out: Path) -> None:
     metric = result["metric"] or "no target (pass target: for held-out numbers)"
     print(f"\nrho1 pipeline: {metric}; token efficiency = tokens the baseline needs to reach its final loss / tokens "
-          "SLM needs to reach it")
-    print(f"{'run':<8} {'tokens':>10} {'target loss':>12} {'SLM efficiency':>22} {'seconds':>9}")
+          "SLM needs to reach it; compute efficiency = the same in training FLOPs, SLM's scoring pass included")
+    print(f"{'run':<8} {'tokens':>10} {'target loss':>12} {'SLM tokens eff.':>22} {'SLM compute eff.':>22} "
+          f"{'train FLOPs':>12} {'seconds':>9}")
     for name, row in result["runs"].items():
         loss = "-" if row["target_loss"] is None else f"{row['target_loss']:.4f}"
         eff = format_efficiency(row["slm_token_efficiency"], row["slm_reached"]) if "slm_token_efficiency" in row \
             else ""
-        print(f"{name:<8} {row['tokens']:>10,} {loss:>12} {eff:>22} {row['seconds']:>9.0f}")
+        ceff = format_efficiency(row["slm_compute_efficiency"], row["slm_compute_reached"]) \
+            if "slm_compute_efficiency" in row else ""
+        flops = format_count(row["train_flops"]) if row.get("train_flops") is not None else "-"
+        print(f"{name:<8} {row['tokens']:>10,} {loss:>12} {eff:>22} {ceff:>22} {flops:>12} {row['seconds']:>9.0f}")
+    print_cost(result["cost"])
     print(f"results: {out / 'results.json'}" + (f"; report: {Path(result['report']).resolve()}"
                                                   if result.get("report") else ""))
+
+
+def print_cost(cost: dict) -> None:
+    """Each stage's FLOPs and seconds on one line, then the reference's break-even against each baseline."""
+    shown = [f"{name} {format_count(c['flops']) if c.get('flops') is not None else '-'} in "
+             f"{c['seconds'] or 0:,.0f}s" for name, c in cost["stages"].items()]
+    print("cost: " + "; ".join(shown))
+    for name, e in cost["efficiency"].items():
+        print(f"reference (trained once, reused) against {name}: break-even {e['break_even']}")

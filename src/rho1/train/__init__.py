@@ -6,7 +6,6 @@
     reference.py   the reference run in the loop: online, or the learner itself (self, its EMA, its copies)
     run.py         Run: the state setup builds and fit moves
     metrics.py     metrics.jsonl and trackers: loss, selection statistics, throughput, MFU
-    throughput.py  FLOPs per token and the device's peak (MFU)
     evaluator.py   held-out metrics during training
     checkpoint.py  checkpoint layout, atomic saving, exact resume, hashes
     trackers.py    tensorboard / wandb / mlflow / trackio through accelerate

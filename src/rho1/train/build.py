@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from rho1.accel import compute_dtype, hold_job_lock, make_accelerator
+from rho1.compute import flops_per_token, head_backward_flops, peak_flops
 from rho1.config import TrainConfig
 from rho1.config.train import default_schedule
 from rho1.data.loader import WindowOrder, trainable_mask
@@ -119,6 +120,7 @@ def _setup(cfg: TrainConfig, accelerator, held: contextlib.ExitStack, progress: 
     if cfg.use_peft:
         check_lora_launch(accelerator.distributed_type)
     resume_from = check_run_folder(out, cfg.resume)
+    cfg.resolve_warmup(accelerator.num_processes)
     store, scores = open_with_scores(cfg.data, cfg.scores, cfg.seq_len)
     state = read_training_state(resume_from) if resume_from is not None else None
     if state is not None:
@@ -199,7 +201,7 @@ def start_line(run: Run) -> str:
     line = (f"train {run.name}: {run.total_steps:,} steps of {run.tokens_per_step:,} tokens = {total:,} tokens"
             f"{rounded}; {run.parameters / 1e6:.2f}M parameters in {weights}{mixed}, saved in {saved}; loss from "
             f"{'the head input in chunks' if run.chunked_head else 'full logits'}; {where}")
-    lr, warmup, why = default_schedule(cfg)
+    lr, warmup, why = default_schedule(cfg, run.accelerator.num_processes)
     taken = [f for f, same in ((f"--lr {cfg.lr:g}", cfg.lr == lr), (f"--warmup-steps {cfg.warmup_steps}",
                                                                      cfg.warmup_steps == warmup)) if same]
     if taken and cfg.model:

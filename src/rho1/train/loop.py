@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from rho1.compute import format_flops, mfu, peak_memory_mib, reset_peak_memory
 from rho1.config import TrainConfig
 from rho1.interrupt import Interrupted, stop_if_ctrl_c
 from rho1.model import dropout_of
@@ -25,14 +26,13 @@ from rho1.train.metrics import LogWindow, step_flops
 from rho1.train.reference import after_step
 from rho1.train.run import Run
 from rho1.train.step import StepResult, train_step
-from rho1.train.throughput import format_flops, mfu, peak_memory_mib, reset_peak_memory
 
 
 def evaluate(run: Run) -> dict:
     if not run.evaluator.stores:
         return {}
     metrics = run.evaluator(run.model)
-    run.log.write({"kind": "eval", "step": run.step, "tokens": run.tokens, **metrics})
+    run.log.write({"kind": "eval", "step": run.step, "tokens": run.tokens, "flops": run.flops, **metrics})
     return metrics
 
 
@@ -123,6 +123,7 @@ def _fit(run: Run, progress: bool) -> dict:
             run.train_seconds += seconds
             flops = step_flops(run, result)
             run.train_flops += flops
+            run.flops += flops * acc.num_processes
             if result.skipped:
                 skip_or_stop(run, result.skipped, progress)
             else:
@@ -168,7 +169,7 @@ def finish(run: Run, last_eval: dict, seconds: float, first_tokens: int, progres
     per_process = (run.tokens - first_tokens) / run.accelerator.num_processes / max(run.train_seconds, 1e-9)
     utilisation, why_not = mfu(run.train_flops / max(run.train_seconds, 1e-9), run.peak) if run.train_seconds \
         else (None, "no optimizer step ran")
-    summary = {"tokens": run.tokens, "steps": run.total_steps, "seconds": seconds,
+    summary = {"tokens": run.tokens, "steps": run.total_steps, "seconds": seconds, "train_flops": run.flops,
                "tokens_per_second": (run.tokens - first_tokens) / seconds, "parameters": run.parameters,
                "processes": run.accelerator.num_processes, "tokens_per_second_per_process": per_process,
                "mfu": utilisation, "peak_flops": run.peak[0],

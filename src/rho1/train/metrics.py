@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
+from rho1.compute import mfu
 from rho1.data.store import read_jsonl
-from rho1.train.throughput import mfu
 from rho1.train.trackers import numbers
 
 

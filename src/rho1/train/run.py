@@ -43,10 +43,11 @@ class Run:
     next_eval: float = math.inf
     next_save: float = math.inf
     parameters: int = 0
-    flops_per_token: float = 0.0  # training FLOPs of one token (rho1.train.throughput)
+    flops_per_token: float = 0.0  # training FLOPs of one token (rho1.compute)
     head_backward: float = 0.0  # of which the head's backward, skipped for unselected tokens by the chunked loss
     train_flops: float = 0.0  # the model FLOPs of this process's optimizer steps
-    load_peaks: dict = field(default_factory=dict)  # peak memory while the models were loaded (rho1.train.throughput)
+    flops: float = 0.0  # the model FLOPs of every optimizer step so far, all processes together (kept in checkpoints)
+    load_peaks: dict = field(default_factory=dict)  # peak memory while the models were loaded (rho1.compute)
     peak: tuple = (None, "")  # peak FLOP/s of one device and where that number comes from
     keep: object = None  # 1 per stream position that may be trained on (--train-on target, --selection), or None
 
@@ -77,7 +78,7 @@ class Run:
         return f"{cfg.objective} ({', '.join(extra)})" if self.selecting and extra else cfg.objective
 
     def position(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "next_eval": self.next_eval, "next_save": self.next_save,
+        return {"step": self.step, "tokens": self.tokens, "flops": self.flops, "next_eval": self.next_eval, "next_save": self.next_save,
                 "objective": self.cfg.objective, "ratio": self.ratio, "token_store_hash": self.store.hash,
                 "tokens_per_step": self.tokens_per_step,
                 "scores_hash": scores_hash(self.scores), "selection_hash": selection_hash(self.cfg.selection)}
