@@ -244,11 +244,13 @@ def smollm2_rows(out: Path, size: dict) -> list[tuple]:
     files = demo_data.generate(out / "data", n_reference=10, n_web=size["web"] // 4, n_heldout=1, n_offtarget=1)
     store = prepare(PrepareConfig([str(files["web"])], str(out / "web"), tokenizer=str(out / "smollm2-shape")
                                   if (out / "smollm2-shape").is_dir() else model, text_field="text"), progress=False)
-    seq, batch = (size["seq_len"], size["batch"]) if size["tiny"] else (1024, 8)
+    seq, batch = (size["seq_len"], size["batch"]) if size["tiny"] else (2048, 8)
     started = time.perf_counter()
     scores = score(ScoreConfig(str(store.path), model, str(out / "scores"), seq, batch_size=batch,
                                precision=size["precision"]), progress=False)
     score_tps = scores.manifest["n_tokens"] / (time.perf_counter() - started)
+    plain_tps = plain_scoring_tps(model, store, seq, batch, size["precision"])
+    score_mfu = scores.manifest.get("mfu")
     small = dict(size, preset=None, seq_len=seq, batch=batch)
     runs = {"slm": run_train(out, store, scores, small, "slm", objective="slm", model=model)}
     if importlib.util.find_spec("peft") is not None:
@@ -265,7 +267,11 @@ def smollm2_rows(out: Path, size: dict) -> list[tuple]:
         return f"{r.get('steady_tokens_per_second') or r['tokens_per_second_per_process']:,.0f} tokens/s, MFU " + (
             "n/a" if mfu is None else f"{mfu:.1%}")
 
-    rows = [(f"{what}, seq {seq}: `rho1 score`", f"{score_tps:,.0f} tokens/s", None),
+    per_token, peak = scores.manifest["flops_per_token"], scores.manifest.get("peak_flops")
+    plain_mfu = f"{plain_tps * per_token / peak:.1%}" if peak else "n/a"
+    rows = [(f"{what}, seq {seq}: `rho1 score` / the full-logits loop (bf16 autocast, sdpa, cross_entropy), "
+             "tokens/s (MFU)", f"{score_tps:,.0f} ({'n/a' if score_mfu is None else f'{score_mfu:.1%}'}) / "
+             f"{plain_tps:,.0f} ({plain_mfu})", score_tps / plain_tps),
             ("... SLM train, stored scores", cell("slm"), None),
             ("... SLM in SelectiveTrainer (transformers.Trainer)", f"{trainer_tps:,.0f} tokens/s", None)]
     rows += [("... SLM-LoRA, reference = the base (adapters off)", cell("slm-lora"), None)] if "slm-lora" in runs \
@@ -273,6 +279,29 @@ def smollm2_rows(out: Path, size: dict) -> list[tuple]:
     if "slm-qlora" in runs:
         rows.append(("... SLM-QLoRA (4-bit base), reference = the base", cell("slm-qlora"), None))
     return rows
+
+
+def plain_scoring_tps(model: str, store, seq: int, batch: int, precision: str) -> float:
+    """Tokens/s of what a user writes instead of `rho1 score`, the model loaded as rho1 loads it: full logits,
+    then cross_entropy, under the same autocast; the loading is not timed (the command's timing includes it)."""
+    import torch.nn.functional as F
+
+    from rho1.data.loader import make_batch
+    from rho1.model import load_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    net = load_model(model, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    windows = np.arange(store.num_windows(seq))
+    synchronize(device)
+    started = time.perf_counter()
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        for i in range(0, len(windows), batch):
+            b = make_batch(store, windows[i : i + batch], seq).to(device)
+            logits = net(input_ids=b.input_ids).logits
+            F.cross_entropy(logits.flatten(0, 1).float(), b.labels.flatten(), reduction="none").cpu()
+    synchronize(device)
+    return store.n_tokens / (time.perf_counter() - started)
 
 
 def selective_trainer_tps(model: str, store, scores, size: dict) -> float:

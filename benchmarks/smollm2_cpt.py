@@ -14,7 +14,9 @@ Data (GSM8K and Tiny Shakespeare from --data-dir), every document "Question: ...
             the target loss is the loss on their answer tokens.
 Every run starts from SmolLM2 (the reference too), at --lr with the same window order for one seed.
 Prints the token efficiency of SLM and random against CLM on the held-out target loss (tokens CLM needs to reach
-its final loss / tokens the run needs), the final target losses, and the share of each source's tokens SLM keeps;
+its final loss / tokens the run needs), the compute efficiency (the same in training FLOPs, SLM's scoring pass of
+the corpus included) with the reference's break-even, the final target losses, and the share of each source's
+tokens SLM keeps;
 writes them with stage times to OUT/result.json. A killed benchmark resumes where it stopped.
 
 Sized for 2 CPU cores (about 180 tokens/s training, 700 scoring): with the defaults, about 40 minutes for two
@@ -36,6 +38,7 @@ from common import read_jsonl as jsonl
 from real_data_efficiency import selected_shares
 from smollm2 import run_once, smollm2_gguf, store
 
+from rho1.compute import break_even, compute_efficiency, format_count
 from rho1.config import TrainConfig
 from rho1.eval.accuracy import QA_TEMPLATE
 from rho1.eval.curves import format_efficiency, read_curve, token_efficiency
@@ -73,7 +76,7 @@ def build_corpora(data_dir: Path, out: Path, args) -> tuple[dict, dict]:
     return files, counts
 
 
-def run_seed(seed: int, stores: dict, scores: Path, reference_loss: float | None, args, out: Path) -> dict:
+def run_seed(seed: int, stores: dict, scores: Path, reference: dict, args, out: Path) -> dict:
     times = StageTimes()
     common = TrainConfig(data=str(stores["corpus"].path), model=str(args.model), seq_len=args.seq_len,
                          batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, seed=seed,
@@ -90,10 +93,20 @@ def run_seed(seed: int, stores: dict, scores: Path, reference_loss: float | None
     result = {"seed": seed, "tokens": summaries["clm"]["tokens"], "seconds": dict(times),
               "tokens_per_second": {n: s["tokens_per_second"] for n, s in summaries.items()},
               "target_loss": {n: s[TARGET] for n, s in summaries.items()}, "start_target_loss": curves["clm"][0][1],
-              "reference_target_loss": reference_loss, "efficiency": {}, "reached": {},
+              "reference_target_loss": reference.get(TARGET), "efficiency": {}, "reached": {},
+              "compute_efficiency": {}, "compute_reached": {},
               "kept_share": {n: selected_shares(out / n) for n in ("slm", "random")}}
+    flops = {name: read_curve(out / name / "metrics.jsonl", TARGET, x="flops") for name in summaries}
+    scoring = json.loads((scores / "manifest.json").read_text())["flops"]
     for name in ("slm", "random"):
         result["efficiency"][name], result["reached"][name] = token_efficiency(curves["clm"], curves[name])
+        ratio, reached, needed, paid = compute_efficiency(flops["clm"], flops[name], scoring if name == "slm" else 0)
+        result["compute_efficiency"][name], result["compute_reached"][name] = ratio, reached
+        if name == "slm":
+            result["cost"] = {"reference_flops": reference["train_flops"], "scoring_flops": scoring,
+                              "clm_flops_to_its_loss": needed, "slm_flops_with_scoring": paid,
+                              "train_flops": {n: s["train_flops"] for n, s in summaries.items()},
+                              "break_even": break_even(reference["train_flops"], needed, paid)}
     return result
 
 
@@ -112,11 +125,20 @@ def report(results: list[dict], counts: dict) -> dict:
         shown = "1.00x (baseline)" if eff is None else (
             f"{bound}{statistics.median(eff):.2f}x ({min(eff):.2f}-{max(eff):.2f}); "
             + ", ".join(format_efficiency(r["efficiency"][m], r["reached"][m]) for r in results))
-        table[m] = {"target_loss": loss, "kept": kept, "efficiency": eff,
+        compute = None if m == "clm" else [r["compute_efficiency"][m] for r in results]
+        table[m] = {"target_loss": loss, "kept": kept, "efficiency": eff, "compute_efficiency": compute,
                     "reached": None if eff is None else [r["reached"][m] for r in results]}
         print(f"{m:<8} {shown:<52} {loss:<22.4f} " + ("all" if kept is None else " / ".join(f"{v:.0%}" for v in
                                                                                          kept.values())))
+        if compute is not None:
+            print(f"{'':<8} compute efficiency vs CLM" + (", the scoring pass included" if m == "slm" else "") + ": "
+                  + ", ".join(format_efficiency(r["compute_efficiency"][m], r["compute_reached"][m]) for r in results))
     for r in results:
+        c = r["cost"]
+        print(f"seed {r['seed']} cost: reference {format_count(c['reference_flops'])} (once), scoring "
+              f"{format_count(c['scoring_flops'])}, CLM to its final loss {format_count(c['clm_flops_to_its_loss'])}, "
+              f"SLM to it with its scoring {format_count(c['slm_flops_with_scoring'])}; the reference pays for itself "
+              + ("never" if c["break_even"] is None else f"after {c['break_even']} runs"))
         print(f"seed {r['seed']}: start target loss {r['start_target_loss']:.4f}, reference "
               f"{r['reference_target_loss']:.4f}; seconds " + ", ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items()))
     return table
@@ -173,7 +195,7 @@ def main() -> None:
     times("score")
     results = []
     for seed in args.seeds:
-        r = run_seed(seed, stores, scores, reference.get(TARGET), args, out / f"seed{seed}")
+        r = run_seed(seed, stores, scores, reference, args, out / f"seed{seed}")
         results.append(r)
         print(f"seed {seed}: " + ", ".join(f"{m} {format_efficiency(e, r['reached'][m])}" for m, e in
                                           r["efficiency"].items()), flush=True)

@@ -1,16 +1,17 @@
 """Throughput on a real pretrained LLM with a 49k vocabulary, SmolLM2-135M-Instruct, in one run: `rho1 score`
-against the plain Hugging Face loop a user would write (full logits, then cross_entropy), and an SLM training
-step (stored scores; the loss from the head's input in chunks) against a CLM step and against SLM on full logits.
+against the script a user would write instead (benchmarks/plain_score.py: load the model, full logits,
+cross_entropy, write float16), both as whole processes; and an SLM training step (stored scores; the loss from
+the head's input in chunks) against a CLM step and against SLM on full logits.
 
-    .venv/bin/python benchmarks/smollm2_throughput.py [--data-dir ../shared/data] [--out runs/bench-smollm2-speed]
+    .venv/bin/python benchmarks/smollm2_throughput.py [--data-dir ../shared/data] [--only score|step]
+        [--repeats 3] [--threads 2] [--out runs/bench-smollm2-speed]
 
 The model is dequantised from its .gguf file once and saved as a plain float32 folder, so a GGUF file's parsing
-takes no part in the timings. Scoring: about 4,500 tokens of Tiny Shakespeare in windows of 256, batch 8, the two
-interleaved, best of two. Training: 8 steps
-of 4 x 256 tokens per variant, the variants interleaved and repeated twice, step time = median of the steps
-after the first 2 (from metrics.jsonl). Memory of the loss path (full logits against the chunked selective
-cross-entropy) at this shape: `benchmarks/loss_memory.py --tokens 1024 --hidden 576 --vocab 49152`. About 10
-minutes on 2 CPU cores; run it alone.
+takes no part in the timings. Scoring: the first 72,000 characters of Tiny Shakespeare (22,028 tokens) in
+windows of 256, batch 8, each command a fresh process (start-up, loading and writing included), the two
+interleaved, median of the repeats; MFU = tokens/s x forward FLOPs per token / the cores' peak. Training: 8
+steps of 4 x 256 tokens per variant, the variants interleaved, step time = median over repeats of the median
+step after the first 2 (from metrics.jsonl). About 12 minutes on 2 CPU cores with 3 repeats; run it alone.
 """
 
 from __future__ import annotations
@@ -19,15 +20,18 @@ import argparse
 import json
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from common import add_data_dir, check_data_dir
-from score_throughput import plain_loop
 from smollm2 import smollm2_gguf
 from step_time import step_seconds
 
+from rho1.compute import cpu_peak_flops, forward_flops_per_token
 from rho1.config import PrepareConfig
 from rho1.data.prepare import prepare
 from rho1.model import load_model
@@ -36,14 +40,74 @@ from rho1.train import TrainConfig, train
 
 VARIANTS = {"CLM": dict(objective="clm"), "SLM stored scores": dict(objective="slm"),
             "SLM full logits": dict(objective="slm", loss_impl="logits")}
+HERE = Path(__file__).resolve().parent
+
+
+def whole(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def scoring(folder: Path, out: Path, text: Path, store, repeats: int, threads: int) -> dict:
+    """`rho1 score` and the plain script as whole processes on the same tokens, interleaved."""
+    env_threads = ["env", f"OMP_NUM_THREADS={threads}"]
+    plain = [*env_threads, sys.executable, str(HERE / "plain_score.py"), str(folder), str(text), str(out / "plain.bin")]
+    seconds = {"plain script": [], "rho1 score": []}
+    for repeat in range(repeats):
+        seconds["plain script"].append(whole(plain))
+        rho1 = [*env_threads, sys.executable, "-m", "rho1", "score", "--data", str(store.path), "--model", str(folder),
+                "--out", str(out / f"scores-{repeat}"), "--seq-len", "256", "--batch-size", "8", "--threads",
+                str(threads)]
+        shutil.rmtree(out / f"scores-{repeat}", ignore_errors=True)
+        seconds["rho1 score"].append(whole(rho1))
+        print(f"  repeat {repeat}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in seconds.items()), flush=True)
+    mine = np.fromfile(out / f"scores-{repeats - 1}" / "scores.bin", dtype=np.float16).astype(np.float32)
+    theirs = np.fromfile(out / "plain.bin", dtype=np.float16).astype(np.float32)
+    same = np.isfinite(mine) & np.isfinite(theirs)
+    per_token = forward_flops_per_token(load_model(str(folder)), 256)
+    peak, source = cpu_peak_flops("float32", threads)
+    med = {k: statistics.median(v) for k, v in seconds.items()}
+    for name, value in med.items():
+        tps = store.n_tokens / value
+        print(f"{name}: {value:.2f} s for {store.n_tokens:,} tokens ({tps:,.0f} tokens/s, MFU {tps * per_token / peak:.1%} "
+              f"of {peak / 1e9:.0f} GFLOP/s), repeats {', '.join(f'{s:.2f}' for s in seconds[name])}")
+    ratio = med["plain script"] / med["rho1 score"]
+    print(f"rho1 score / plain script: {ratio:.3f}x the tokens/s (whole processes); losses agree within "
+          f"{np.abs(mine[same] - theirs[same]).max():.4f} on {same.sum():,} tokens; peak from {source}", flush=True)
+    return {"seconds": seconds, "median": med, "speedup": ratio, "flops_per_token": per_token, "peak": peak}
+
+
+def steps(folder: Path, out: Path, data_dir: Path, repeats: int, threads: int, n_steps: int) -> dict:
+    text = (data_dir / "tinyshakespeare" / "input.txt").read_text()
+    (out / "train.txt").write_text(text[:200_000])
+    store = prepare(PrepareConfig([str(out / "train.txt")], str(out / "train-store"), tokenizer=str(folder),
+                                  overwrite=True), progress=False)
+    scores = score(ScoreConfig(str(store.path), str(folder), str(out / "scores"), 256, batch_size=8, threads=threads),
+                   progress=False)
+    seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for repeat in range(repeats):
+        for name, options in VARIANTS.items():
+            run = out / "runs" / f"{name.replace(' ', '-')}-{repeat}"
+            shutil.rmtree(run, ignore_errors=True)
+            train(TrainConfig(data=str(store.path), scores=str(scores.path), model=str(folder), out=str(run),
+                              seq_len=256, batch_size=4, max_tokens=n_steps * 4 * 256, lr=5e-5, warmup_steps=1,
+                              threads=threads, **options), progress=False)
+            seconds[name].append(step_seconds(run, skip=2))
+        print(f"  repeat {repeat}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in seconds.items()), flush=True)
+    step = {name: statistics.median(v) for name, v in seconds.items()}
+    for name, value in step.items():
+        print(f"{name}: {value:.3f} s a step ({4 * 256 / value:,.0f} tokens/s); / CLM {value / step['CLM']:.3f}")
+    return {"step_seconds": step, "repeats": seconds}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_data_dir(parser)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", choices=["score", "step"])
     parser.add_argument("--out", default="runs/bench-smollm2-speed")
     args = parser.parse_args()
     data_dir = check_data_dir(args.data_dir)
@@ -56,41 +120,16 @@ def main() -> None:
         gguf = str(smollm2_gguf())
         load_model(gguf).save_pretrained(folder)
         load_tokenizer(gguf).save_pretrained(folder)
-    text = (data_dir / "tinyshakespeare" / "input.txt").read_text()
-    stores = {}
-    for name, chars in (("train", 200_000), ("score", 16_000)):  # the scored slice: about 4,500 tokens
-        (out / f"{name}.txt").write_text(text[:chars])
-        stores[name] = prepare(PrepareConfig([str(out / f"{name}.txt")], str(out / f"{name}-store"),
-                                             tokenizer=str(folder), overwrite=True), progress=False)
-    store, small = stores["train"], stores["score"]
-    model = load_model(str(folder)).eval()
-    timings = {"plain": [], "rho1": []}
-    for repeat in range(2):  # interleaved, best of two
-        timings["plain"].append(plain_loop(model, small, 256, 8))
-        started = time.perf_counter()
-        score(ScoreConfig(str(small.path), str(folder), str(out / f"scores-{repeat}"), 256, batch_size=8,
-                          threads=args.threads), progress=False)
-        timings["rho1"].append(time.perf_counter() - started)
-    tps = {k: small.n_tokens / min(v) for k, v in timings.items()}
-    print(f"scoring {small.n_tokens:,} tokens: plain HF loop {tps['plain']:,.0f} tokens/s, rho1 score "
-          f"{tps['rho1']:,.0f} tokens/s (the whole command, load included); rho1 / plain {tps['rho1'] / tps['plain']:.2f}x",
-          flush=True)
-    scores = score(ScoreConfig(str(store.path), str(folder), str(out / "scores"), 256, batch_size=8,
-                               threads=args.threads), progress=False)
-    seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    for repeat in range(args.repeats):
-        for name, options in VARIANTS.items():
-            run = out / "runs" / f"{name.replace(' ', '-')}-{repeat}"
-            shutil.rmtree(run, ignore_errors=True)
-            train(TrainConfig(data=str(store.path), scores=str(scores.path), model=str(folder), out=str(run),
-                              seq_len=256, batch_size=4, max_tokens=args.steps * 4 * 256, lr=5e-5, warmup_steps=1,
-                              threads=args.threads, **options), progress=False)
-            seconds[name].append(step_seconds(run, skip=2))
-    step = {name: statistics.median(v) for name, v in seconds.items()}
-    for name, value in step.items():
-        print(f"{name}: {value:.2f} s a step ({4 * 256 / value:,.0f} tokens/s); / CLM {value / step['CLM']:.3f}")
-    (out / "result.json").write_text(json.dumps({"scoring_tokens_per_second": tps, "step_seconds": step,
-                                                 "repeats": seconds}, indent=2))
+    result = {}
+    if args.only != "step":
+        text = out / "score.txt"
+        text.write_text((data_dir / "tinyshakespeare" / "input.txt").read_text()[:72_000])
+        store = prepare(PrepareConfig([str(text)], str(out / "score-store"), tokenizer=str(folder), overwrite=True),
+                        progress=False)
+        result["score"] = scoring(folder, out, text, store, args.repeats, args.threads)
+    if args.only != "score":
+        result["step"] = steps(folder, out, data_dir, args.repeats, args.threads, args.steps)
+    (out / f"result-{args.only or 'all'}.json").write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -162,3 +162,5 @@ def test_the_gpu_check_runs_at_a_tiny_size_on_cpu(tmp_path):
     assert float(ratios["SLM first-step loss, online reference / stored scores"]) == pytest.approx(1.0, abs=1e-6)
     assert json.loads((tmp_path / "check" / "slm" / "summary.json").read_text())["mfu"] > 0
     assert Path(tmp_path / "check" / "scores" / "manifest.json").is_file()
+    scoring = [v for k, v in ratios.items() if "`rho1 score` / the full-logits loop" in k]
+    assert len(scoring) == 1 and float(scoring[0]) > 0  # rho1 score beside the plain loop, both with an MFU
