@@ -9,9 +9,10 @@ the head's input in chunks) against a CLM step and against SLM on full logits.
 The model is dequantised from its .gguf file once and saved as a plain float32 folder, so a GGUF file's parsing
 takes no part in the timings. Scoring: the first 72,000 characters of Tiny Shakespeare (22,028 tokens) in
 windows of 256, batch 8, each command a fresh process (start-up, loading and writing included), the two
-interleaved, median of the repeats; MFU = tokens/s x forward FLOPs per token / the cores' peak. Training: 8
-steps of 4 x 256 tokens per variant, the variants interleaved, step time = median over repeats of the median
-step after the first 2 (from metrics.jsonl). About 12 minutes on 2 CPU cores with 3 repeats; run it alone.
+interleaved, median of the repeats; MFU = tokens/s x forward FLOPs per token / the cores' peak. Training:
+--steps steps of 4 x 256 tokens per variant, the variants interleaved, a run's step time = the median step after
+the first 2 (from metrics.jsonl); the ratio to CLM is taken within each repeat (its runs back to back), then the
+median over repeats. About 25 minutes on 2 CPU cores with the defaults (5 repeats); run it alone.
 """
 
 from __future__ import annotations
@@ -96,16 +97,21 @@ def steps(folder: Path, out: Path, data_dir: Path, repeats: int, threads: int, n
             seconds[name].append(step_seconds(run, skip=2))
         print(f"  repeat {repeat}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in seconds.items()), flush=True)
     step = {name: statistics.median(v) for name, v in seconds.items()}
+    # the ratio within each repeat (its runs back to back, in the same phase of a shared machine), then the median
+    paired = {name: [a / b for a, b in zip(v, seconds["CLM"])] for name, v in seconds.items() if name != "CLM"}
     for name, value in step.items():
-        print(f"{name}: {value:.3f} s a step ({4 * 256 / value:,.0f} tokens/s); / CLM {value / step['CLM']:.3f}")
-    return {"step_seconds": step, "repeats": seconds}
+        shown = "" if name == "CLM" else (f"; / CLM per repeat {', '.join(f'{r:.3f}' for r in paired[name])}, "
+                                          f"median {statistics.median(paired[name]):.3f}")
+        print(f"{name}: {value:.3f} s a step ({4 * 256 / value:,.0f} tokens/s), repeats "
+              f"{', '.join(f'{x:.3f}' for x in seconds[name])}{shown}")
+    return {"step_seconds": step, "repeats": seconds, "ratio_per_repeat": paired}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_data_dir(parser)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", choices=["score", "step"])
     parser.add_argument("--out", default="runs/bench-smollm2-speed")

@@ -1,6 +1,6 @@
 """Training step time of SLM relative to CLM, with stored scores and with an online reference, in one run.
 
-    .venv/bin/python benchmarks/step_time.py [--steps 30] [--repeats 2] [--out runs/bench-step]
+    .venv/bin/python benchmarks/step_time.py [--steps 30] [--repeats 3] [--out runs/bench-step]
 
 Two model shapes on the demo web corpus (BPE 2048, windows of 256, batch 8): the demo's tiny Llama
 (vocabulary 2048, where the head is small) and a Llama with a 32k vocabulary (hidden 256, 4 layers; the
@@ -43,7 +43,7 @@ def step_seconds(run: Path, skip: int = 3) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--out", default="runs/bench-step")
     args = parser.parse_args()
@@ -71,8 +71,9 @@ def main() -> None:
                       progress=False)
                 times[name].append(step_seconds(run))
         med = {name: statistics.median(t) for name, t in times.items()}
-        results[shape] = med
-        print(f"{shape}: " + ", ".join(f"{n} {s * 1000:.0f} ms" for n, s in med.items()), flush=True)
+        results[shape] = {"median": med, "repeats": times}
+        print(f"{shape}: " + ", ".join(f"{n} {s * 1000:.0f} ms ({', '.join(f'{x * 1000:.0f}' for x in times[n])})"
+                                      for n, s in med.items()), flush=True)
         print(f"  SLM / CLM (stored scores) {med['SLM stored scores'] / med['CLM']:.3f}x; "
               f"SLM online reference / CLM {med['SLM online reference'] / med['CLM']:.3f}x; "
               f"with full logits SLM / CLM {med['SLM full logits'] / med['CLM full logits']:.3f}x; "

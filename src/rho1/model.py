@@ -183,20 +183,21 @@ def dropout_of(model) -> dict[str, float]:
 
 
 def model_hash(name_or_path: str, model=None) -> str:
-    """Fingerprint of a model: config + weight files for a local folder, else the hub commit."""
+    """Fingerprint of a model: for a local file or folder its config and, of each weight file, the name, size and
+    modification time (as a store is trusted: hashing half a gigabyte of weights cost more than a second of every
+    `rho1 score`; a weight file edited or copied gets another fingerprint), else the hub commit."""
     path = Path(name_or_path)
     h = hashlib.sha256()
     if path.is_file():  # a .gguf file
-        with open(path, "rb") as fh:
-            while block := fh.read(1 << 22):
-                h.update(block)
+        h.update(f"{path.name} {path.stat().st_size} {path.stat().st_mtime_ns}".encode())
     elif path.is_dir():  # (an adapter folder: its weights and config, which names the base)
         for f in sorted(path.glob("*.safetensors")) + [path / "config.json", path / "adapter_config.json"]:
             if f.is_file():
                 h.update(f.name.encode())
-                with open(f, "rb") as fh:
-                    while block := fh.read(1 << 22):
-                        h.update(block)
+                if f.suffix == ".json":
+                    h.update(f.read_bytes())
+                else:
+                    h.update(f" {f.stat().st_size} {f.stat().st_mtime_ns}".encode())
     else:
         commit = getattr(getattr(model, "config", None), "_commit_hash", None)
         h.update(f"{name_or_path}@{commit}".encode())
@@ -215,6 +216,8 @@ def check_model_fits(model, store, model_name: str, cross_tokenizer_hint: bool =
             + hint
         )
     tok_dir = Path(model_name).expanduser()
+    if same_tokenizer_files(tok_dir, store.path / "tokenizer"):
+        return
     if tok_dir.is_file() or (tok_dir / "tokenizer_config.json").is_file() or (tok_dir / "tokenizer.json").is_file():
         from rho1.data.tokenizer import load_tokenizer, tokenizer_hash
 
@@ -235,6 +238,16 @@ def check_model_fits(model, store, model_name: str, cross_tokenizer_hint: bool =
                 f"model {model_name} comes with another tokenizer than TokenStore {store.path} ({len(tokenizer)} "
                 f"tokens vs {store.vocab_size}); prepare the store with `rho1 prepare --tokenizer {model_name}`" + hint
             )
+
+
+def same_tokenizer_files(a: Path, b: Path) -> bool:
+    """True when two folders hold byte-identical tokenizer files (what `rho1 prepare --tokenizer` saves): the same
+    tokenizer without loading and hashing either (half a second at a 49k vocabulary)."""
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    if not (a.is_dir() and (a / names[0]).is_file() and (b / names[0]).is_file()):
+        return False
+    return all((a / n).is_file() == (b / n).is_file() and (not (a / n).is_file() or
+                                                          (a / n).read_bytes() == (b / n).read_bytes()) for n in names)
 
 
 def save_checkpoint(model, tokenizer, path: Path, extra: dict | None = None, state_dict: dict | None = None,
