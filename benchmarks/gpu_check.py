@@ -1,4 +1,4 @@
-"""The one prepared GPU check (issue 22): one markdown table, each row a ratio measured side by side in this run.
+"""The one prepared GPU check: one markdown table, each row a ratio measured side by side in this run.
 
     bash benchmarks/gpu_check.sh            # one H100/H200: a ~0.5B Llama, seq 2048, bf16, sdpa (about 5 minutes)
     bash benchmarks/gpu_check.sh --tiny     # the same checks at a tiny size on a CPU (the test suite runs this)

@@ -44,24 +44,27 @@ VARIANTS = {"CLM": dict(objective="clm"), "SLM stored scores": dict(objective="s
 HERE = Path(__file__).resolve().parent
 
 
-def whole(cmd: list[str]) -> float:
+def whole(cmd: list[str]) -> tuple[float, str]:
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True)
-    return time.perf_counter() - start
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return time.perf_counter() - start, done.stdout
 
 
 def scoring(folder: Path, out: Path, text: Path, store, repeats: int, threads: int) -> dict:
     """`rho1 score` and the plain script as whole processes on the same tokens, interleaved."""
     env_threads = ["env", f"OMP_NUM_THREADS={threads}"]
     plain = [*env_threads, sys.executable, str(HERE / "plain_score.py"), str(folder), str(text), str(out / "plain.bin")]
-    seconds = {"plain script": [], "rho1 score": []}
+    seconds, loop = {"plain script": [], "rho1 score": []}, {"plain script": [], "rho1 score": []}
     for repeat in range(repeats):
-        seconds["plain script"].append(whole(plain))
+        took, printed = whole(plain)
+        seconds["plain script"].append(took)
+        loop["plain script"].append(store.n_tokens / json.loads(printed.splitlines()[-1])["loop_seconds"])
         rho1 = [*env_threads, sys.executable, "-m", "rho1", "score", "--data", str(store.path), "--model", str(folder),
                 "--out", str(out / f"scores-{repeat}"), "--seq-len", "256", "--batch-size", "8", "--threads",
                 str(threads)]
         shutil.rmtree(out / f"scores-{repeat}", ignore_errors=True)
-        seconds["rho1 score"].append(whole(rho1))
+        seconds["rho1 score"].append(whole(rho1)[0])
+        loop["rho1 score"].append(json.loads((out / f"scores-{repeat}" / "manifest.json").read_text())["tokens_per_second"])
         print(f"  repeat {repeat}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in seconds.items()), flush=True)
     mine = np.fromfile(out / f"scores-{repeats - 1}" / "scores.bin", dtype=np.float16).astype(np.float32)
     theirs = np.fromfile(out / "plain.bin", dtype=np.float16).astype(np.float32)
@@ -71,12 +74,15 @@ def scoring(folder: Path, out: Path, text: Path, store, repeats: int, threads: i
     med = {k: statistics.median(v) for k, v in seconds.items()}
     for name, value in med.items():
         tps = store.n_tokens / value
+        inner = statistics.median(loop[name])
         print(f"{name}: {value:.2f} s for {store.n_tokens:,} tokens ({tps:,.0f} tokens/s, MFU {tps * per_token / peak:.1%} "
-              f"of {peak / 1e9:.0f} GFLOP/s), repeats {', '.join(f'{s:.2f}' for s in seconds[name])}")
+              f"of {peak / 1e9:.0f} GFLOP/s), repeats {', '.join(f'{s:.2f}' for s in seconds[name])}; its scoring "
+              f"loop alone {inner:,.0f} tokens/s (MFU {inner * per_token / peak:.1%})")
     ratio = med["plain script"] / med["rho1 score"]
     print(f"rho1 score / plain script: {ratio:.3f}x the tokens/s (whole processes); losses agree within "
           f"{np.abs(mine[same] - theirs[same]).max():.4f} on {same.sum():,} tokens; peak from {source}", flush=True)
-    return {"seconds": seconds, "median": med, "speedup": ratio, "flops_per_token": per_token, "peak": peak}
+    return {"seconds": seconds, "median": med, "speedup": ratio, "loop_tokens_per_second": loop,
+            "flops_per_token": per_token, "peak": peak}
 
 
 def steps(folder: Path, out: Path, data_dir: Path, repeats: int, threads: int, n_steps: int) -> dict:
@@ -84,6 +90,7 @@ def steps(folder: Path, out: Path, data_dir: Path, repeats: int, threads: int, n
     (out / "train.txt").write_text(text[:200_000])
     store = prepare(PrepareConfig([str(out / "train.txt")], str(out / "train-store"), tokenizer=str(folder),
                                   overwrite=True), progress=False)
+    shutil.rmtree(out / "scores", ignore_errors=True)  # (scores of an older rho1 are another job)
     scores = score(ScoreConfig(str(store.path), str(folder), str(out / "scores"), 256, batch_size=8, threads=threads),
                    progress=False)
     seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}

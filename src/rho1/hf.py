@@ -39,7 +39,7 @@ from rho1.selection import (
     select_from_token_loss,
     token_cross_entropy,
 )
-from rho1.self_reference import advance_reference, check_self_reference_supported, frozen_copy
+from rho1.self_reference import REFERENCE_FILE, advance_reference, check_self_reference_supported, frozen_copy
 
 
 def check_batch_fits(model, input_ids: torch.Tensor, which: str = "the model", position_ids=None) -> None:
@@ -169,16 +169,16 @@ class SelectiveTrainer(Trainer):
         if self.self_reference and not self.peft_learner and _internal_call and self.args.should_save:
             from safetensors.torch import save_model
 
-            save_model(self.reference_model, str(Path(output_dir or self.args.output_dir) / "reference.safetensors"))
+            save_model(self.reference_model, str(Path(output_dir or self.args.output_dir) / REFERENCE_FILE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self.self_reference and not self.peft_learner:  # (a PeftModel's reference adapter is Trainer's to load)
             from safetensors.torch import load_model
 
-            path = Path(resume_from_checkpoint) / "reference.safetensors"
+            path = Path(resume_from_checkpoint) / REFERENCE_FILE
             if not path.is_file():
-                raise ValueError(f"{resume_from_checkpoint} has no reference.safetensors: it was not saved by a "
+                raise ValueError(f"{resume_from_checkpoint} has no {REFERENCE_FILE}: it was not saved by a "
                                  "trainer with reference_model='self'")
             load_model(self.reference_model, path, device=str(self.args.device))
 
@@ -233,6 +233,9 @@ class SelectiveTrainer(Trainer):
         selected = 0
         for batch in batches:
             labels, ref = self._shifted(batch)
+            if getattr(self.reference_model, "cross_tokenizer", False):  # its NaN positions show once it has run
+                ref = self._reference_loss(batch, labels)
+                batch["ref_loss"] = torch.nn.functional.pad(ref, (1, 0), value=float("nan"))  # compute_loss takes it
             valid = labels != IGNORE_INDEX
             if ref is not None:
                 valid &= torch.isfinite(ref)
@@ -268,7 +271,7 @@ class SelectiveTrainer(Trainer):
         labels, ref = self._shifted(inputs)
         inputs.pop("labels")
         inputs.pop("ref_loss", None)
-        if self.reference_model is not None:
+        if self.reference_model is not None and ref is None:
             ref = self._reference_loss(inputs, labels)
         if not return_outputs and self._use_chunked_head(inputs["input_ids"]):
             selection = forward_selection(model, inputs, labels, ref, self.ratio, self.score, drop_last=True,

@@ -22,6 +22,7 @@ import numpy as np
 
 from rho1.accel import compute_dtype, hold_job_lock, make_accelerator
 from rho1.align import PROJECTION, load_reference
+from rho1.allocator import keep_freed_memory
 from rho1.compute import format_flops, forward_flops_per_token, mfu, peak_flops
 from rho1.config import ScoreConfig
 from rho1.data.loader import trainable_mask
@@ -177,6 +178,7 @@ def score(cfg: ScoreConfig, progress: bool = True) -> ScoreStore:
     cfg.check()
     if cfg.threads:
         set_threads(cfg.threads)  # leaves torch alone when it already uses that many
+    keep_freed_memory()
     check_writable(cfg.out)
     store = TokenStore.open(cfg.data).check()
     check_not_inside(cfg.out, {"--data": cfg.data, "--model": cfg.model})
@@ -252,7 +254,7 @@ def _complete(out: Path, identity: dict, job: str, spans: list[tuple[int, int]],
         values = np.frombuffer(data, dtype=np.float16).astype(np.float64)
         finite = np.isfinite(values)
         total, count = total + float(values[finite].sum()), count + int(finite.sum())
-    manifest = {"format": SCORE_FORMAT, **identity, "complete": True, "completed_ranges": [[0, n_tokens]],
+    manifest = {"format": SCORE_FORMAT, **identity, "complete": True,
                 "sha256": {"scores.bin": digest.hexdigest()}, "files": file_record(out, ["scores.bin"]), "mean_loss": total / count if count else None,
                 "tokens_per_second": None if tokens_per_second is None else round(tokens_per_second, 1),
                 # what the pass cost: forward FLOPs of every token as scored, and this command's wall time

@@ -13,6 +13,8 @@ import copy
 
 import torch
 
+REFERENCE_FILE = "reference.safetensors"  # a self reference's weights in a checkpoint (rho1 train, SelectiveTrainer)
+
 
 def check_self_reference_supported(distributed: str | None, fix: str) -> None:
     """A whole copy of the learner on each process: one process or DDP, not a sharded model."""

@@ -1,4 +1,4 @@
-"""Any Hugging Face causal LM, as it is (issue 21): tiny randomly initialised models of 17 architectures,
+"""Any Hugging Face causal LM, as it is: tiny randomly initialised models of 17 architectures,
 saved with save_pretrained beside the store's tokenizer, each through score, train on both loss paths, eval,
 SelectiveTrainer, export and from_pretrained of RUN/final. Learned (GPT-2, OPT, GPT-BigCode), rotary (Llama,
 GPT-NeoX, GPT-J...), ALiBi (Bloom, MPT) and sinusoidal (XGLM) positions; tied and untied heads; heads with a

@@ -1,4 +1,4 @@
-"""What a GPU run needs, tested on CPU (issue 22): activation checkpointing, attention kernels, torch.compile,
+"""What a GPU run needs, tested on CPU: activation checkpointing, attention kernels, torch.compile,
 experiment trackers, throughput and MFU, a lazy dataset, and the prepared GPU check at a tiny size."""
 
 import json

@@ -232,6 +232,13 @@ def test_selective_trainer_with_a_reference_tokenizer_sees_the_scored_losses(sto
     in_loop = trainer._reference_loss(batch, batch["labels"][:, 1:])
     np.testing.assert_array_equal(torch.isnan(in_loop).numpy(), torch.isnan(stored).numpy())
     torch.testing.assert_close(in_loop[torch.isfinite(in_loop)], stored[torch.isfinite(stored)], atol=1e-2, rtol=1e-3)
+    # the step's denominator counts only what can be selected: not the positions the reference leaves NaN
+    from rho1.selection import num_selected
+
+    [counted], items = trainer.get_batch_samples(iter([SelectiveCollator(learner_tok)(ds[:4])]), 1, "cpu")
+    selectable = int(((batch["labels"][:, 1:] != -100) & torch.isfinite(in_loop)).sum())
+    assert torch.isnan(in_loop).any() and int(items) == num_selected(selectable, trainer.ratio)
+    assert torch.equal(torch.isnan(counted["ref_loss"][:, 1:]), torch.isnan(in_loop))  # compute_loss takes these
     trainer.train()
     assert np.isfinite(trainer.selection_stats["ref_loss_selected"])
 

@@ -1,4 +1,4 @@
-"""Nothing lost, nothing silent: the failures that exit 0 with wrong results or lose data (issue 20), each as
+"""Nothing lost, nothing silent: the failures that exit 0 with wrong results or lose data, each as
 a user meets it: the command, its exit code, one sentence, and what is left on disk."""
 
 import json

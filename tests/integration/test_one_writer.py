@@ -1,4 +1,4 @@
-"""One writer per folder, for every command that writes one (issue 30): a real first process is caught while it
+"""One writer per folder, for every command that writes one: a real first process is caught while it
 writes (frozen with SIGSTOP at that moment), a real second process with the same command is refused in one
 sentence and changes nothing, and once the first goes on, the folder is what that one run makes."""
 

@@ -147,7 +147,6 @@ class TrainConfig:
     def _check_numbers(self) -> None:
         if self.peak_flops is not None and not (self.peak_flops > 0 and math.isfinite(self.peak_flops)):
             raise ValueError(f"--peak-flops must be a positive number of FLOP/s (e.g. 989e12), got {self.peak_flops}")
-        check_ratio(self.ratio)
         check_seq_len(self.seq_len)
         check_positive(self, "batch_size", "grad_accum", "seq_len", "max_tokens", "log_every", "threads")
         check_positive(self, "eval_every", "eval_max_windows", "save_every", "keep_last", "warmup_steps",

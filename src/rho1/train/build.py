@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from rho1.accel import compute_dtype, hold_job_lock, make_accelerator
+from rho1.allocator import keep_freed_memory
 from rho1.compute import flops_per_token, head_backward_flops, peak_flops
 from rho1.config import TrainConfig
 from rho1.config.train import default_schedule
@@ -99,6 +100,7 @@ def setup(cfg: TrainConfig, progress: bool = True) -> Run:
     cfg.check()
     if cfg.threads:
         set_threads(cfg.threads)  # leaves torch alone when it already uses that many
+    keep_freed_memory()
     out = Path(cfg.out)
     check_writable(out)
     check_not_inside(out, [("--data", cfg.data), ("--scores", cfg.scores), ("--model", cfg.model),

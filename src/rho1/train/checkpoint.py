@@ -21,9 +21,9 @@ from safetensors import SafetensorError
 
 from rho1.data.store import check_writable, read_json, sha256_file, verify_files
 from rho1.model import save_checkpoint
+from rho1.self_reference import REFERENCE_FILE  # the weights of a --reference self, which move with the run
 
 STATE_FILE = "rho1_state.json"
-REFERENCE_FILE = "reference.safetensors"  # the weights of a --reference self, which move with the run
 
 
 def checkpoints(out: Path) -> list[Path]:
