@@ -156,6 +156,38 @@ def test_window_edge_inside_a_character_is_not_selectable(unicode_store, other_r
     assert torch.isfinite(projected[: seq_len - 3]).sum() > seq_len // 2
 
 
+def test_selective_trainer_counts_only_what_a_reference_tokenizer_leaves_selectable(unicode_store, other_reference,
+                                                                                     tmp_path):
+    """The step's denominator (get_batch_samples) leaves out the positions the projection cannot score (NaN: a
+    window edge inside a character), and compute_loss uses the losses computed for it."""
+    from transformers import TrainingArguments
+
+    from rho1.data.tokenizer import load_tokenizer
+    from rho1.hf import SelectiveCollator, SelectiveTrainer, windows_dataset
+    from rho1.model import build_model, load_model
+    from rho1.selection import num_selected
+
+    learner_tok, table, tokens = unicode_store.tokenizer(), token_bytes(unicode_store.tokenizer()), unicode_store.tokens
+    seq_len = next(n for n in range(24, 80) if table[int(tokens[n - 1])] and table[int(tokens[n])]
+                   and (table[int(tokens[n])][0] & 0xC0) == 0x80)  # the first window ends inside a character
+    trainer = SelectiveTrainer(model=build_model("nano", unicode_store.vocab_size, 2048,
+                                                 unicode_store.manifest["eos_token_id"]),
+                               args=TrainingArguments(str(tmp_path / "hf"), per_device_train_batch_size=2, max_steps=1,
+                                                      report_to=[], use_cpu=True, save_strategy="no"),
+                               train_dataset=windows_dataset(unicode_store, seq_len)[:2], processing_class=learner_tok,
+                               data_collator=SelectiveCollator(learner_tok),
+                               reference_model=load_model(str(other_reference)),
+                               reference_tokenizer=load_tokenizer(other_reference))
+    batch = SelectiveCollator(learner_tok)(windows_dataset(unicode_store, seq_len)[:2])
+    ref = trainer._reference_loss(batch, batch["labels"][:, 1:])
+    labelled = batch["labels"][:, 1:] != -100
+    [counted], items = trainer.get_batch_samples(iter([batch]), 1, "cpu")
+    assert (labelled & torch.isnan(ref)).any()  # some labelled positions have no reference loss
+    assert int(items) == num_selected(int((labelled & torch.isfinite(ref)).sum()), trainer.ratio)
+    assert torch.equal(torch.isnan(counted["ref_loss"][:, 1:]), torch.isnan(ref))  # what compute_loss then takes
+    trainer.train()
+
+
 def test_a_reference_shorter_than_the_window_scores_the_end_of_each_row(unicode_store, other_reference):
     from rho1.data.tokenizer import load_tokenizer
     from rho1.model import load_model
@@ -232,13 +264,6 @@ def test_selective_trainer_with_a_reference_tokenizer_sees_the_scored_losses(sto
     in_loop = trainer._reference_loss(batch, batch["labels"][:, 1:])
     np.testing.assert_array_equal(torch.isnan(in_loop).numpy(), torch.isnan(stored).numpy())
     torch.testing.assert_close(in_loop[torch.isfinite(in_loop)], stored[torch.isfinite(stored)], atol=1e-2, rtol=1e-3)
-    # the step's denominator counts only what can be selected: not the positions the reference leaves NaN
-    from rho1.selection import num_selected
-
-    [counted], items = trainer.get_batch_samples(iter([SelectiveCollator(learner_tok)(ds[:4])]), 1, "cpu")
-    selectable = int(((batch["labels"][:, 1:] != -100) & torch.isfinite(in_loop)).sum())
-    assert torch.isnan(in_loop).any() and int(items) == num_selected(selectable, trainer.ratio)
-    assert torch.equal(torch.isnan(counted["ref_loss"][:, 1:]), torch.isnan(in_loop))  # compute_loss takes these
     trainer.train()
     assert np.isfinite(trainer.selection_stats["ref_loss_selected"])
 
