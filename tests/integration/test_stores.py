@@ -127,3 +127,58 @@ def test_corrupted_token_store_is_reported_before_any_work(stores, tmp_path):
         train(TrainConfig(data=str(copy), out=str(tmp_path / "run"), model_preset="nano", seq_len=SEQ_LEN),
               progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_open_checks_sizes_and_times_and_hashes_a_changed_file_once(stores, tmp_path):
+    """A store is trusted by the sizes and times recorded when it was written; a file edited in place is still
+    caught at open, a copy without its times is hashed once (and its record renewed), a size that differs is
+    refused without reading the file."""
+    import json
+    import os
+    import shutil
+
+    from rho1.data.store import TokenStore
+
+    copy = tmp_path / "copy"
+    shutil.copytree(stores["heldout"].path, copy)  # copy2: the times come along, the record matches
+    record = json.loads((copy / "manifest.json").read_text())["files"]
+    assert set(record) >= {"tokens.bin"} and TokenStore.open(copy).check()
+    # a copy without its times: hashed in full once, then its record says the new time
+    os.utime(copy / "tokens.bin", ns=(1, 1))
+    TokenStore.open(copy).check()
+    assert json.loads((copy / "manifest.json").read_text())["files"]["tokens.bin"]["mtime_ns"] == 1
+    # edited in place (same size): caught at open
+    data = bytearray((copy / "tokens.bin").read_bytes())
+    data[10] ^= 0x01
+    (copy / "tokens.bin").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="tokens.bin does not match the hash in its manifest"):
+        TokenStore.open(copy).check()
+    # another size: refused from the record
+    (copy / "tokens.bin").write_bytes(bytes(data[:-2]))
+    with pytest.raises(ValueError, match=r"tokens.bin holds [\d,]+ bytes where its manifest recorded"):
+        TokenStore.open(copy).check()
+
+
+def test_a_store_written_before_the_record_is_verified_once_and_rho1_verify_checks_in_full(stores, tmp_path, capsys):
+    import json
+    import shutil
+
+    from rho1.cli import main
+    from rho1.data.store import TokenStore
+
+    old = tmp_path / "old"
+    shutil.copytree(stores["heldout"].path, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for key in ("files", "max_token_id"):
+        manifest.pop(key)
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    TokenStore.open(old).check()  # the full check, once, and the record made
+    renewed = json.loads((old / "manifest.json").read_text())
+    assert "tokens.bin" in renewed["files"] and renewed["max_token_id"] < renewed["vocab_size"]
+    assert main(["verify", str(old)]) == 0 and "every file matches its hash" in capsys.readouterr().out
+    renewed["vocab_size"] = renewed["max_token_id"]  # a manifest edited: an id at or above its vocabulary
+    (old / "manifest.json").write_text(json.dumps(renewed))
+    assert main(["verify", str(old)]) == 2
+    assert "holds token id" in capsys.readouterr().err
+    assert main(["verify", str(tmp_path / "missing")]) == 2
+    assert "is not a TokenStore (no manifest.json)" in capsys.readouterr().err
