@@ -29,5 +29,7 @@ def test_freed_activations_are_reused_instead_of_faulted_in_again():
         faults[mode] = int(count)
         if mode == "kept":
             assert flag == "True"
-    # by default each forward faults its activations' pages in again (67k faults here); kept, they are reused
-    assert faults["default"] > 40_000 and faults["kept"] < faults["default"] / 2, faults
+    # each forward allocates 4 x 12.6 MB and 4.7 MB of activations: 13.4k pages, 134k over the 10 counted. By
+    # default many are faulted in again (27k-77k, by the allocator's state); kept, most are reused
+    touched = 10 * (4 * 2048 * 1536 + 2048 * 576) * 4 // 4096
+    assert faults["kept"] < 0.2 * touched and faults["kept"] < 0.7 * faults["default"], (faults, touched)
